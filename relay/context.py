@@ -1,0 +1,37 @@
+"""What every relay component is given: settings, database, keys, hub, node name."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import Settings
+from core.hub import Hub
+from core.keys import KeyStore
+
+T = TypeVar("T")
+
+
+@dataclass
+class RelayContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    keys: KeyStore
+    hub: Hub
+    node_name: str
+    public_host: str
+    device_ports: list[int] = field(default_factory=list)  # bound ports, in dial order
+    technician_port: int = 0
+
+    async def db(self, fn: Callable[[Session], T]) -> T:
+        """Run fn(session) in one transaction, off the event loop."""
+
+        def run() -> T:
+            with self.sessions() as session, session.begin():
+                return fn(session)
+
+        return await asyncio.to_thread(run)

@@ -1,0 +1,3 @@
+from rly.cli import main
+
+raise SystemExit(main())

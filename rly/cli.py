@@ -1,0 +1,75 @@
+"""The `rly` command: `serve`, `db upgrade` and the admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from core.config import ConfigError, Settings, load_settings
+from core.db import DatabaseError
+from core.keys import KeyFileError
+from core.logs import setup_logging
+from core.validate import InvalidInput
+from rly import admin
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (default: none)")
+    parser.add_argument("--data-dir", type=Path, help="override data_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rly", description="OTP-gated SSH jump relay")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run relay, tracker and portal")
+    _common(serve)
+    serve.add_argument("--only", choices=("relay", "tracker", "portal"))
+
+    dbp = sub.add_parser("db", help="database maintenance")
+    dbsub = dbp.add_subparsers(dest="db_command", required=True)
+    _common(dbsub.add_parser("upgrade", help="apply migrations"))
+    admin.add_admin_parsers(sub, _common)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, data_dir=args.data_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.umask(0o077)  # the data dir holds keys and TOTP secrets: nothing we create is shared
+    try:
+        settings = settings_from(args)
+        setup_logging(settings.log_level if args.command == "serve" else "warning")
+        if args.command == "serve":
+            return _serve(settings, args.only)
+        if args.command == "db":
+            from core.db import upgrade
+
+            upgrade(settings.effective_database_url)
+            print("rly: database is up to date")
+            return 0
+        return admin.run(args, settings)
+    except (ConfigError, KeyFileError, DatabaseError, InvalidInput) as exc:
+        print(f"rly: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings, only: str | None) -> int:
+    from rly.serve import PARTS, StartupError, prepare, serve
+
+    parts = {only} if only else set(PARTS)
+    try:
+        prepared = prepare(settings)
+        return asyncio.run(serve(prepared, parts))
+    except StartupError as exc:
+        print(f"rly: {exc}", file=sys.stderr)
+        return 2

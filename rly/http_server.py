@@ -1,0 +1,60 @@
+"""uvicorn on sockets we bind ourselves, without its own signal handling.
+
+Several servers share one loop in `rly serve`, so signals are handled once by
+the caller; binding the socket ourselves turns "port in use" into a clean
+one-line error and avoids port races in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+
+class EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> EmbeddedServer:
+    kwargs: dict[str, Any] = {}
+    if tls_cert:
+        kwargs = {
+            "ssl_certfile": tls_cert,
+            "ssl_keyfile": tls_key,
+            "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+        }
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_keep_alive=15,
+        limit_concurrency=2048,
+        h11_max_incomplete_event_size=16 * 1024,
+        lifespan="off",
+        log_config=None,
+        **kwargs,
+    )
+    return EmbeddedServer(config)
