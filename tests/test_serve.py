@@ -1,0 +1,176 @@
+"""`rly serve` on a fresh data dir: start-up, keys, health, shutdown, and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncssh
+import httpx
+import pytest
+
+from tests.support.rly_server import RlyFactory, RlyServer
+
+ENV_PORTS = {
+    "RLY_HTTP_PORT": "0",
+    "RLY_RELAY_TECHNICIAN_PORT": "0",
+    "RLY_RELAY_DEVICE_PORTS": "0",
+    "RLY_HTTP_LISTEN": "127.0.0.1",
+    "RLY_RELAY_LISTEN": "127.0.0.1",
+}
+
+
+def run_rly(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RLY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "rly", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+        check=False,
+    )
+
+
+async def verified_by_ca(port: int, ca_public: str) -> bool:
+    """True if the server proves a host certificate signed by ca_public (login itself may fail)."""
+    trusted_ca = asyncssh.import_public_key(ca_public)
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            port,
+            username="nobody",
+            known_hosts=([], [trusted_ca], []),
+            client_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+            kbdint_auth=False,
+            password_auth=False,
+        ):
+            return True
+    except asyncssh.PermissionDenied:
+        return True  # host verification passed; only the login was refused
+    except asyncssh.HostKeyNotVerifiable:
+        return False
+
+
+def test_first_start_creates_keys_and_database_and_listens(rly_factory: RlyFactory) -> None:
+    """A fresh data dir gets keys (0600 in 0700) and a database; all ports answer within 5 s."""
+    started = time.monotonic()
+    server = rly_factory().start()
+    assert time.monotonic() - started < 5
+    keys = server.data_dir / "keys"
+    assert oct(keys.stat().st_mode & 0o777) == "0o700"
+    for name in ("host_ca", "host_key", "user_ca"):
+        assert oct((keys / name).stat().st_mode & 0o777) == "0o600"
+    assert (server.data_dir / "rly.sqlite3").exists()
+    assert oct((server.data_dir / "rly.sqlite3").stat().st_mode & 0o777) == "0o600"
+    assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
+    ca = (keys / "host_ca.pub").read_text()
+    for port in (server.technician_port, *server.device_ports):
+        assert asyncio.run(verified_by_ca(port, ca)), f"port {port} did not show the host cert"
+
+
+def test_restart_keeps_the_host_key(rly_factory: RlyFactory) -> None:
+    """The host key fingerprint survives a restart (keys are reused, not regenerated)."""
+    server = rly_factory().start()
+    before = (server.data_dir / "keys" / "host_key.pub").read_text()
+    server.restart()
+    after = (server.data_dir / "keys" / "host_key.pub").read_text()
+    assert before == after
+    fingerprint = asyncssh.import_public_key(after).get_fingerprint()
+    probe = asyncio.run(asyncssh.get_server_host_key("127.0.0.1", server.technician_port))
+    assert probe is not None and probe.get_fingerprint() == fingerprint
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_shuts_down_cleanly(rly_factory: RlyFactory, sig: signal.Signals) -> None:
+    """SIGTERM and SIGINT stop the server with exit 0 and no traceback."""
+    server = rly_factory().start()
+    assert server.process is not None
+    server.process.send_signal(sig)
+    assert server.process.wait(10) == 0
+    assert "Traceback" not in server.process.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A taken port stops start-up with one line naming it and exit code 2."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**ENV_PORTS, "RLY_HTTP_PORT": str(port)}
+        result = run_rly("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert f"127.0.0.1:{port}" in result.stderr and "http.port" in result.stderr
+    busy_ssh = socket.socket()
+    busy_ssh.bind(("127.0.0.1", 0))
+    busy_ssh.listen()
+    try:
+        env = {**ENV_PORTS, "RLY_RELAY_TECHNICIAN_PORT": str(busy_ssh.getsockname()[1])}
+        result = run_rly("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    finally:
+        busy_ssh.close()
+    assert result.returncode == 2
+    assert "cannot listen for SSH" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_unreachable_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A database that does not answer stops start-up with one line and exit 2, no traceback."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+    env = {
+        **ENV_PORTS,
+        "RLY_DATABASE_URL": f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{dead_port}/x",
+    }
+    result = run_rly("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0]
+    assert "hunter2" not in result.stderr  # the password in the URL is not printed
+
+
+def test_unknown_config_key_is_refused_and_nothing_created(tmp_path: Path) -> None:
+    """An unknown key names itself; no data dir, key or database is created."""
+    config = tmp_path / "rly.toml"
+    config.write_text(f'data_dir = "{tmp_path / "d"}"\n[relay]\ntechnician_prot = 22\n')
+    result = run_rly("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "rly: Config 'relay.technician_prot' is not a known key"
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_port_value_is_refused(tmp_path: Path) -> None:
+    """A port outside 0-65535 is refused with one line naming the key."""
+    result = run_rly("serve", "--data-dir", str(tmp_path / "d"), env={"RLY_HTTP_PORT": "65536"})
+    assert result.returncode == 2
+    assert "'RLY_HTTP_PORT'" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "d").exists()
+
+
+def test_too_open_key_file_is_refused_by_name(rly_factory: RlyFactory) -> None:
+    """A group-readable private key stops start-up, naming the file, and is left as it was."""
+    server = rly_factory().start()
+    server.stop()
+    key = server.data_dir / "keys" / "user_ca"
+    key.chmod(0o640)
+    content = key.read_bytes()
+    result = run_rly("serve", "--config", str(server.config_path))
+    assert result.returncode == 2
+    assert str(key) in result.stderr and result.stderr.strip().count("\n") == 0
+    assert key.read_bytes() == content and (key.stat().st_mode & 0o777) == 0o640
+
+
+def test_only_tracker_runs_http_without_ssh(rly_factory: RlyFactory) -> None:
+    """`--only tracker` serves HTTP and opens no SSH port."""
+    server: RlyServer = rly_factory(only="tracker").start()
+    assert server.device_ports == []
+    assert httpx.get(f"{server.base_url}/healthz").status_code == 200
