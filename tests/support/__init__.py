@@ -1,0 +1,1 @@
+"""Test harness: real processes on loopback ports, always stopped at teardown."""
