@@ -174,3 +174,12 @@ def test_only_tracker_runs_http_without_ssh(rly_factory: RlyFactory) -> None:
     server: RlyServer = rly_factory(only="tracker").start()
     assert server.device_ports == []
     assert httpx.get(f"{server.base_url}/healthz").status_code == 200
+
+
+def test_metrics_are_prometheus_text(rly_factory: RlyFactory) -> None:
+    """/metrics answers in the Prometheus text format with the database gauges."""
+    server = rly_factory().start()
+    body = httpx.get(f"{server.base_url}/metrics").text
+    assert "# TYPE rly_checkins_total counter" in body
+    assert "rly_tunnels_open 0" in body
+    assert "rly_database_up 1" in body
