@@ -13,7 +13,7 @@ from core.models import Approval, Device, SshSession, Tunnel
 
 
 def _gauges(session: Session) -> dict[str, float]:
-    def count(query: Select[tuple[int]]) -> float:
+    def count(query: Select[int]) -> float:
         return float(session.scalar(query) or 0)
 
     return {
