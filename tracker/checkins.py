@@ -1,0 +1,119 @@
+"""Check-in queries: the hot path, so statements are built once and run on the connection.
+
+Every function runs in the caller's transaction. A refusal raises ApiError
+before anything is written; recording a request is a conditional UPDATE, so
+two processes cannot both accept the same timestamp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.models import Device, utcnow
+from tracker.auth import SignedRequest, Verifier
+from tracker.errors import ApiError
+from tracker.schemas import Action, CheckinRequest
+
+ACTIONS: frozenset[str] = frozenset({"open", "close", "reconnect"})
+
+devices = cast(Table, Device.__table__)
+_c = devices.c
+_FRESH = or_(_c.last_request_ms.is_(None), _c.last_request_ms < bindparam("p_stamp"))
+_READ = select(
+    _c.status, _c.tunnel_mode, _c.tunnel_request, _c.tunnel_request_at, _c.public_key,
+    _c.last_request_ms,
+).where(_c.id == bindparam("p_id"))  # fmt: skip
+_RECORD_CHECKIN = (
+    update(devices)
+    .where(_c.id == bindparam("p_id"), _FRESH)
+    .values(
+        last_request_ms=bindparam("p_stamp"),
+        last_checkin_at=bindparam("p_at"),
+        last_checkin_ip=bindparam("p_ip"),
+        client_version=bindparam("p_client_version"),
+        os_name=bindparam("p_os_name"),
+        os_version=bindparam("p_os_version"),
+        uptime=bindparam("p_uptime"),
+    )
+)
+_RECORD_REQUEST = (
+    update(devices)
+    .where(_c.id == bindparam("p_id"), _FRESH)
+    .values(last_request_ms=bindparam("p_stamp"))
+)
+_CLEAR = update(devices).where(
+    _c.id == bindparam("p_id"), _c.tunnel_request == bindparam("p_request")
+)
+_CLEAR_AT = _CLEAR.where(_c.tunnel_request_at == bindparam("p_at")).values(tunnel_request=None)
+_CLEAR_NULL = _CLEAR.where(_c.tunnel_request_at.is_(None)).values(tunnel_request=None)
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What a check-in answer depends on."""
+
+    status: str
+    tunnel_mode: str
+    request: str | None
+    request_at: datetime | None
+
+
+def authenticate(
+    session: Session, *, verifier: Verifier, device_id: str, request: SignedRequest
+) -> tuple[DeviceState, int]:
+    """Check the signature with the stored key; refuse revoked devices (403)."""
+    row = session.connection().execute(_READ, {"p_id": device_id}).one_or_none()
+    key_text, last_ms = (None, None) if row is None else (row[4], row[5])
+    stamp = verifier.verify(
+        device_id=device_id, key_text=key_text, last_ms=last_ms, request=request
+    )
+    assert row is not None
+    if row.status == "revoked":
+        raise ApiError(403, "device revoked")
+    return DeviceState(*row[:4]), stamp
+
+
+def record_checkin(
+    session: Session, *, device_id: str, stamp: int, report: CheckinRequest, ip: str
+) -> None:
+    """Store the check-in; 401 if a request with this or a later stamp got in first."""
+    done = session.connection().execute(
+        _RECORD_CHECKIN,
+        {
+            "p_id": device_id,
+            "p_stamp": stamp,
+            "p_at": utcnow(),
+            "p_ip": ip[:64],
+            "p_client_version": report.client_version,
+            "p_os_name": report.os_name,
+            "p_os_version": report.os_version,
+            "p_uptime": report.uptime,
+        },
+    )
+    if done.rowcount != 1:
+        raise ApiError(401, "replayed request")
+
+
+def record_request(session: Session, *, device_id: str, stamp: int) -> None:
+    done = session.connection().execute(_RECORD_REQUEST, {"p_id": device_id, "p_stamp": stamp})
+    if done.rowcount != 1:
+        raise ApiError(401, "replayed request")
+
+
+def read_state(session: Session, *, device_id: str) -> DeviceState | None:
+    row = session.connection().execute(_READ, {"p_id": device_id}).one_or_none()
+    return None if row is None else DeviceState(*row[:4])
+
+
+def take_action(session: Session, *, device_id: str, state: DeviceState) -> Action:
+    """The action due now; a delivered request is cleared unless it changed meanwhile."""
+    if state.status != "accepted" or state.request not in ACTIONS:
+        return "none"
+    params = {"p_id": device_id, "p_request": state.request, "p_at": state.request_at}
+    session.connection().execute(_CLEAR_NULL if state.request_at is None else _CLEAR_AT, params)
+    return cast(Action, state.request)

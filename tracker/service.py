@@ -1,0 +1,148 @@
+"""The tracker's operations: one short transaction each, run off the event loop.
+
+A check-in records itself and answers at once when an action is due;
+otherwise it long-polls on the hub (no transaction open) and re-reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import Settings
+from core.hub import Hub
+from core.keys import KeyStore
+from core.signing import HEADER_DEVICE
+from core.validate import DEVICE_ID_RE
+from tracker import checkins, registry
+from tracker.auth import SignedRequest, Verifier
+from tracker.checkins import DeviceState
+from tracker.errors import ApiError
+from tracker.schemas import (
+    Action,
+    CheckinReply,
+    CheckinRequest,
+    DeviceView,
+    EnrollReply,
+    EnrollRequest,
+)
+
+
+@dataclass
+class Tracker:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    hub: Hub
+    keys: KeyStore
+    verifier: Verifier
+
+    # -- enrollment ----------------------------------------------------------
+
+    async def enroll(self, *, body: EnrollRequest, source_ip: str) -> EnrollReply:
+        return await asyncio.to_thread(self._enroll, body, source_ip)
+
+    def _enroll(self, body: EnrollRequest, source_ip: str) -> EnrollReply:
+        mode = self.settings.tracker.tunnel_mode
+        with self.sessions() as session, session.begin():
+            device = registry.enroll(session, body=body, tunnel_mode=mode, source_ip=source_ip)
+            hosts, ports = registry.relay_endpoints(session)
+        relay = self.settings.relay
+        return EnrollReply(
+            device_id=device.id,
+            status="accepted" if device.status == "accepted" else "pending",
+            relay_hosts=hosts or [relay.public_host or self._public_url_host()],
+            relay_ports=ports or list(relay.device_ports),
+            relay_host_ca=self.keys.host_ca_public,
+            user_ca=self.keys.user_ca_public,
+            login_user=device.login_user,
+            tunnel_mode="on-demand" if mode == "on-demand" else "persistent",
+            checkin_interval=self.settings.tracker.checkin_interval,
+        )
+
+    def _public_url_host(self) -> str:
+        return urlsplit(self.settings.http.public_url).hostname or "localhost"
+
+    # -- check-ins -----------------------------------------------------------
+
+    async def checkin(
+        self, *, report: CheckinRequest, request: SignedRequest, ip: str
+    ) -> CheckinReply:
+        device_id = signed_device(request)
+        state, action = await asyncio.to_thread(self._checkin, device_id, report, request, ip)
+        wait = min(report.wait, self.settings.tracker.checkin_wait)
+        if action == "none" and wait > 0:
+            state, action = await self._long_poll(device_id, state, wait)
+        return CheckinReply(
+            status="accepted" if state.status == "accepted" else "pending",
+            action=action,
+            tunnel_mode=state.tunnel_mode,
+            next_checkin=0.0 if wait > 0 else self.settings.tracker.checkin_interval,
+            server_time=time.time(),
+        )
+
+    def _checkin(
+        self, device_id: str, report: CheckinRequest, request: SignedRequest, ip: str
+    ) -> tuple[DeviceState, Action]:
+        with self.sessions() as session, session.begin():
+            state, stamp = checkins.authenticate(
+                session, verifier=self.verifier, device_id=device_id, request=request
+            )
+            if report.device_id != device_id:
+                raise ApiError(400, f"device_id does not match the {HEADER_DEVICE} header")
+            checkins.record_checkin(session, device_id=device_id, stamp=stamp, report=report, ip=ip)
+            return state, checkins.take_action(session, device_id=device_id, state=state)
+
+    async def _long_poll(
+        self, device_id: str, first: DeviceState, wait: float
+    ) -> tuple[DeviceState, Action]:
+        """Wait for a wake-up that brings an action or a status change; re-read at the end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while (left := deadline - loop.time()) > 0:
+            if not await self.hub.wait(f"device:{device_id}", left):
+                break
+            state, action = await asyncio.to_thread(self._poll, device_id)
+            if action != "none" or (state.status, state.tunnel_mode) != (
+                first.status,
+                first.tunnel_mode,
+            ):
+                return state, action
+        return await asyncio.to_thread(self._poll, device_id)
+
+    def _poll(self, device_id: str) -> tuple[DeviceState, Action]:
+        with self.sessions() as session, session.begin():
+            state = checkins.read_state(session, device_id=device_id)
+            if state is None:
+                raise ApiError(404, "unknown device")
+            if state.status == "revoked":
+                raise ApiError(403, "device revoked")
+            return state, checkins.take_action(session, device_id=device_id, state=state)
+
+    # -- a device's own view ---------------------------------------------------
+
+    async def device_view(self, *, device_id: str, request: SignedRequest) -> DeviceView:
+        if signed_device(request) != device_id:
+            raise ApiError(403, "a device may only read its own status")
+        return await asyncio.to_thread(self._device_view, device_id, request)
+
+    def _device_view(self, device_id: str, request: SignedRequest) -> DeviceView:
+        with self.sessions() as session, session.begin():
+            _state, stamp = checkins.authenticate(
+                session, verifier=self.verifier, device_id=device_id, request=request
+            )
+            checkins.record_request(session, device_id=device_id, stamp=stamp)
+            return registry.device_view(session, device_id=device_id)
+
+
+def signed_device(request: SignedRequest) -> str:
+    """The device id header: 401 when missing, 404 when it cannot be a device id."""
+    device_id = request.headers.get(HEADER_DEVICE)
+    if not device_id:
+        raise ApiError(401, "missing signature headers")
+    if not DEVICE_ID_RE.fullmatch(device_id):
+        raise ApiError(404, "unknown device")
+    return device_id
