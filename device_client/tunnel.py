@@ -1,0 +1,232 @@
+"""The outbound SSH connection to a relay that carries the device's tunnel.
+
+The device trusts only the relay host CA pinned at enrollment, authenticates
+with its own key, and asks for exactly one remote forward; channels the relay
+opens on it go to the local target (sshd over TCP, or the builtin server).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import asyncssh
+
+from device_client.config import ClientConfig
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+BACKOFF_CAP_ENV = "RLY_CLIENT_BACKOFF_CAP"
+STABLE_AFTER = 30.0  # a tunnel that stayed up this long resets the backoff
+CONNECT_TIMEOUT = 15.0
+# Modern algorithms only; asyncssh otherwise also offers SHA-1 based ones.
+KEX_ALGS = ["curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256"]
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
+MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
+            "hmac-sha2-256", "hmac-sha2-512"]
+
+
+def backoff_cap_from_env() -> float:
+    """The backoff cap: 60 s, lowered by $RLY_CLIENT_BACKOFF_CAP (for tests)."""
+    raw = os.environ.get(BACKOFF_CAP_ENV)
+    if not raw:
+        return BACKOFF_CAP
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{BACKOFF_CAP_ENV} must be a positive number of seconds")
+    return min(value, BACKOFF_CAP)
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: sleep uniform(0, min(cap, base*2^n))."""
+
+    base: float = BACKOFF_BASE
+    cap: float = BACKOFF_CAP
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        return min(self.cap, self.base * 2.0 ** min(self.attempt, 32))
+
+    def next_delay(self) -> float:
+        """The next delay; each call doubles the ceiling up to the cap."""
+        delay = self.rng.uniform(0, self.ceiling())
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start again from the base (after a tunnel proved stable)."""
+        self.attempt = 0
+
+
+class Activity:
+    """Counts open channels and remembers when the last one closed (idle timeout)."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.idle_since = time.monotonic()
+
+    def opened(self) -> None:
+        self.open += 1
+
+    def closed(self) -> None:
+        self.open = max(0, self.open - 1)
+        if self.open == 0:
+            self.idle_since = time.monotonic()
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        """Count one channel for the duration of the block."""
+        self.opened()
+        try:
+            yield
+        finally:
+            self.closed()
+
+    def idle_for(self) -> float:
+        """Seconds without any open channel (0 while one is open)."""
+        return 0.0 if self.open else time.monotonic() - self.idle_since
+
+
+class _CountedForward(asyncssh.SSHTCPSession[bytes]):
+    """Wraps asyncssh's TCP forwarder so the tunnel knows how many channels are open."""
+
+    def __init__(self, inner: asyncssh.SSHTCPSession[bytes], activity: Activity) -> None:
+        self._inner = inner
+        self._activity = activity
+        activity.opened()
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self._inner.connection_made(chan)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            self._activity.closed()
+
+    def session_started(self) -> None:
+        self._inner.session_started()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._inner.data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+def endpoints(config: ClientConfig) -> list[tuple[str, int]]:
+    """Relay (host, port) pairs in the order to try: each host on each port."""
+    return [(host, port) for host in config.relay_hosts for port in config.relay_ports]
+
+
+async def connect_relay(config: ClientConfig, key: asyncssh.SSHKey,
+                        host: str, port: int) -> asyncssh.SSHClientConnection:
+    """Open the SSH connection to one relay endpoint, trusting only the pinned CA."""
+    ca = asyncssh.import_public_key(config.relay_host_ca)
+    return await asyncssh.connect(
+        host, port,
+        username=config.device_id,
+        client_keys=[key],
+        known_hosts=([], [ca], []),
+        config=None,  # ignore ~/.ssh/config: the device's settings are the config file
+        agent_path=None,
+        password=None,
+        kbdint_auth=False,
+        preferred_auth=["publickey"],
+        keepalive_interval=config.keepalive_interval,
+        keepalive_count_max=config.keepalive_count,
+        connect_timeout=CONNECT_TIMEOUT,
+        login_timeout=CONNECT_TIMEOUT,
+        kex_algs=KEX_ALGS,
+        encryption_algs=ENCRYPTION_ALGS,
+        mac_algs=MAC_ALGS,
+        compression_algs=None,
+    )
+
+
+async def forward_to_target(conn: asyncssh.SSHClientConnection, config: ClientConfig,
+                            activity: Activity) -> int:
+    """Ask the relay for the remote forward to a TCP target; return the port it gave."""
+    host, port = config.target_host, config.target_port
+
+    async def session_factory(_orig_host: str, _orig_port: int) -> _CountedForward:
+        inner = await conn.forward_connection(host, port)
+        return _CountedForward(inner, activity)  # type: ignore[arg-type]
+
+    listener = await conn.create_server(session_factory, "", 0)
+    return listener.get_port()
+
+
+@dataclass
+class Tunnel:
+    """A live tunnel: the connection plus where it landed."""
+
+    conn: asyncssh.SSHClientConnection
+    relay: str
+    port: int
+    remote_port: int
+    since: float
+    activity: Activity
+    server: asyncssh.SSHAcceptor | None = None
+
+    async def close(self) -> None:
+        """Close the connection (and the builtin server riding it)."""
+        if self.server is not None:
+            self.server.close()
+        self.conn.close()
+        await self.conn.wait_closed()
+
+    def __str__(self) -> str:
+        return f"{self.relay}:{self.port}"
+
+
+async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
+    """Try each relay endpoint in order; return the first tunnel that comes up.
+
+    Raises OSError or asyncssh.Error from the last endpoint when all fail.
+    """
+    from device_client.target import serve_builtin  # keeps pty/termios off the import path
+
+    error: Exception = OSError("no relay endpoints configured")
+    for host, port in endpoints(config):
+        try:
+            conn = await connect_relay(config, key, host, port)
+        except (OSError, asyncssh.Error) as exc:
+            log.debug("relay %s:%d failed: %s", host, port, exc)
+            error = exc
+            continue
+        activity = Activity()
+        try:
+            server = None
+            if config.target == "builtin":
+                server = await serve_builtin(conn, config, activity)
+                remote_port = server.get_port()
+            else:
+                remote_port = await forward_to_target(conn, config, activity)
+        except (OSError, asyncssh.Error) as exc:
+            conn.close()
+            error = exc
+            continue
+        return Tunnel(conn=conn, relay=host, port=port, remote_port=remote_port,
+                      since=time.time(), activity=activity, server=server)
+    raise error
