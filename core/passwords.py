@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 _hasher = PasswordHasher()
-_DUMMY_HASH = _hasher.hash("rly-dummy-password-for-timing")
 MIN_LENGTH = 10
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Made on first use: hashing costs ~0.3 s, which start-up should not pay."""
+    return _hasher.hash("rly-dummy-password-for-timing")
 
 
 def hash_password(password: str) -> str:
@@ -17,6 +24,8 @@ def hash_password(password: str) -> str:
 def verify_password(password_hash: str | None, password: str) -> bool:
     """Verify; with no hash (unknown user) still spend the same time on a dummy."""
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        return (
+            _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
+        )
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False

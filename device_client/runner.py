@@ -79,6 +79,8 @@ class Runner:
         self._drop = False  # close the current tunnel (and reconnect if still wanted)
         self._poke = asyncio.Event()  # wanted state changed: supervisor re-checks
         self._tunnel_changed = asyncio.Event()  # tunnel up/down: check in again at once
+        self._last_wait = 0.0
+        self._report_now = True  # next check-in is answered at once (first, or after a change)
         self._checkin_error: str | None = None
         self._device_status: str | None = None
 
@@ -162,14 +164,14 @@ class Runner:
 
     # -- check-ins -----------------------------------------------------------
 
-    def _checkin_body(self) -> dict[str, Any]:
+    def _checkin_body(self, wait: float) -> dict[str, Any]:
         os_name, os_version = os_release()
         state = self.state.state
         return {"device_id": self.config.device_id, "client_version": __version__,
                 "os_name": os_name, "os_version": os_version, "uptime": system_uptime(),
                 "tunnel": {"state": state.tunnel_state, "relay": state.relay,
                            "port": state.port, "since": state.since},
-                "wait": LONG_POLL_WAIT}
+                "wait": wait}
 
     def _checkin_failed(self, exc: TrackerError) -> None:
         message = str(exc)
@@ -210,7 +212,12 @@ class Runner:
     async def _checkin_once(self) -> CheckinReply | None:
         """One long poll; None when a tunnel change cut it short (check in again)."""
         self._tunnel_changed.clear()
-        request = asyncio.ensure_future(self.tracker.checkin(self._checkin_body()))
+        # the first check-in, and the one after a tunnel change, answer at once so the
+        # tracker and `rly-client status` learn the new state without waiting a long poll
+        wait = 0.0 if self._report_now else LONG_POLL_WAIT
+        self._report_now = False
+        self._last_wait = wait
+        request = asyncio.ensure_future(self.tracker.checkin(self._checkin_body(wait)))
         changed = asyncio.ensure_future(self._tunnel_changed.wait())
         await asyncio.wait({request, changed}, return_when=asyncio.FIRST_COMPLETED)
         changed.cancel()
@@ -218,6 +225,7 @@ class Runner:
             return request.result()
         request.cancel()
         await asyncio.wait({request})  # unlike `await request`, keeps our own cancellation
+        self._report_now = True
         return None
 
     async def checkins(self) -> None:
@@ -235,7 +243,8 @@ class Runner:
             if reply is None:
                 continue
             self._apply(reply)
-            delay = checkin_delay(reply, time.time())
+            # after an immediate report, go straight back to long-polling
+            delay = checkin_delay(reply, time.time()) if self._last_wait else 0.0
             if reply.action == "none":
                 delay = max(delay, MIN_CHECKIN_GAP - (time.monotonic() - started))
             if delay > 0:

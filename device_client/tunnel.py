@@ -223,9 +223,11 @@ async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
                 remote_port = server.get_port()
             else:
                 remote_port = await forward_to_target(conn, config, activity)
-        except (OSError, asyncssh.Error) as exc:
+        except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as exc:
+            # a relay that logs us in and then refuses the forward (device pending or
+            # revoked) closes the connection itself; treat it like any refused endpoint
             conn.close()
-            error = exc
+            error = OSError(f"relay {host}:{port} refused the tunnel: {exc}")
             continue
         return Tunnel(conn=conn, relay=host, port=port, remote_port=remote_port,
                       since=time.time(), activity=activity, server=server)

@@ -34,10 +34,15 @@ class Relay:
         return self.ctx.device_ports
 
     async def close(self) -> None:
+        """Stop accepting, close every tunnel with a reason, and wait for their rows."""
         for task in self.tasks:
             task.cancel()
         for acceptor in self.acceptors:
             acceptor.close()
+        if self.ctx.tunnels.sweeper is not None:
+            self.ctx.tunnels.sweeper.cancel()
+        self.ctx.tunnels.close_all("relay shutting down")
+        await self.ctx.tunnels.drain(5)
         for acceptor in self.acceptors:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(acceptor.wait_closed(), 5)

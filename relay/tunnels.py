@@ -1,17 +1,33 @@
-"""Live device tunnels held by this relay process (interface; filled in by the device work)."""
+"""Live device tunnels held by this relay process, and their rows in `tunnels`.
+
+A `DeviceTunnel` is one device's SSH connection with its single remote
+forward. The technician side opens channels back to the device through it
+(`asyncssh.connect(tunnel=device_tunnel, ...)`) and may close it. The registry
+maps device id -> live tunnel and owns the few background tasks that write
+tunnel rows, so that shutdown can wait for them.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncssh
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from core import audit
+from core.models import Tunnel, utcnow
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class DeviceTunnel:
     """One device's reverse tunnel; usable as asyncssh.connect(tunnel=...)."""
 
@@ -25,6 +41,15 @@ class DeviceTunnel:
     client_version: str = ""
     row_id: int | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    account_id: int | None = None
+    transport_port: int = 0
+    max_channels: int = 16
+    close_reason: str | None = None
+    _channels: set[asyncssh.SSHTCPChannel[Any]] = field(default_factory=set)
+
+    @property
+    def open_channels(self) -> int:
+        return len(self._channels)
 
     async def create_connection(
         self,
@@ -32,20 +57,39 @@ class DeviceTunnel:
         remote_host: str,
         remote_port: int,
     ) -> tuple[asyncssh.SSHTCPChannel[Any], asyncssh.SSHTCPSession[Any]]:
-        """Open a channel back to the device, as its remote forward (ignores host/port)."""
-        return await self.conn.create_connection(
+        """Open a channel back to the device, as its remote forward (ignores host/port).
+
+        At most `max_channels` channels are open at once on one tunnel, so a
+        burst of technician sessions cannot pile up on one device connection.
+        """
+        if self.closed.is_set():
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "tunnel is closed")
+        if len(self._channels) >= self.max_channels:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, "too many channels on this tunnel"
+            )
+        chan, session = await self.conn.create_connection(
             session_factory, self.listen_host, self.listen_port, "127.0.0.1", 0
         )
+        self._channels.add(chan)
+        waiter = asyncio.ensure_future(chan.wait_closed())
+        waiter.add_done_callback(lambda _t: self._channels.discard(chan))
+        return chan, session
 
     def close(self, reason: str) -> None:
+        """Disconnect the device; the row is closed with `reason` once the connection ends."""
+        if self.close_reason is None:
+            self.close_reason = reason
         self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, reason)
 
 
 class TunnelRegistry:
-    """device id -> live tunnel on this process."""
+    """device id -> live tunnel on this process, plus the row writes in flight."""
 
     def __init__(self) -> None:
         self._tunnels: dict[str, DeviceTunnel] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.sweeper: asyncio.Task[None] | None = None  # relay.liveness starts it
 
     def get(self, device_id: str) -> DeviceTunnel | None:
         return self._tunnels.get(device_id)
@@ -62,3 +106,75 @@ class TunnelRegistry:
 
     def __len__(self) -> int:
         return len(self._tunnels)
+
+    def __iter__(self) -> Iterator[DeviceTunnel]:
+        return iter(list(self._tunnels.values()))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a short background job (a row write) and keep it referenced until done."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close_all(self, reason: str) -> None:
+        """Disconnect every device (relay shutdown)."""
+        for tunnel in self:
+            tunnel.close(reason)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for pending row writes (after close_all, before the engine is disposed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._tasks and loop.time() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*self._tasks, return_exceptions=True),
+                    deadline - loop.time(),
+                )
+
+
+def insert_tunnel_row(session: Session, tunnel: DeviceTunnel, node: str) -> int:
+    """Record a tunnel that came up; returns the row id."""
+    row = Tunnel(
+        device_id=tunnel.device_id,
+        relay_node=node,
+        listen_host=tunnel.listen_host[:253],
+        listen_port=tunnel.listen_port,
+        peer_ip=tunnel.peer_ip,
+        peer_port=tunnel.peer_port,
+        transport_port=tunnel.transport_port,
+        client_version=tunnel.client_version[:128],
+        connected_at=tunnel.connected_at,
+        last_keepalive_at=tunnel.connected_at,
+    )
+    session.add(row)
+    session.flush()
+    audit.record(
+        session,
+        action="tunnel.up",
+        actor=f"device:{tunnel.device_id}",
+        account_id=tunnel.account_id,
+        target=tunnel.device_id,
+        detail=f"node={node} port={tunnel.transport_port} client={tunnel.client_version[:64]}",
+        source_ip=tunnel.peer_ip,
+    )
+    return row.id
+
+
+def close_tunnel_row(session: Session, tunnel: DeviceTunnel, reason: str) -> None:
+    """Mark the tunnel's row closed and audit why."""
+    if tunnel.row_id is not None:
+        session.execute(
+            update(Tunnel)
+            .where(Tunnel.id == tunnel.row_id, Tunnel.closed_at.is_(None))
+            .values(closed_at=utcnow(), close_reason=reason[:128])
+        )
+    audit.record(
+        session,
+        action="tunnel.down",
+        actor=f"device:{tunnel.device_id}",
+        account_id=tunnel.account_id,
+        target=tunnel.device_id,
+        detail=reason,
+        source_ip=tunnel.peer_ip,
+    )

@@ -1,0 +1,120 @@
+"""Is a tunnel still alive, and may it stay: keepalive tuning, the watcher, the sweep.
+
+- Keepalives: asyncssh drops a silent peer after interval x (count_max + 1)
+  (the timer restarts on every received packet and the peer is dropped on the
+  timer tick after count_max unanswered probes). `keepalive_options` maps the
+  configured interval x count onto that so a blackholed tunnel goes within
+  interval x count, without probing more often than configured. Any packet
+  from the device (its own keepalives included) restarts the timer, so a
+  device that probes itself costs the relay no extra sends.
+- Watcher: one task per connection sleeps on the hub topic `device:<id>` and
+  re-reads the device only when woken (revoke, allowlist change, repair/close).
+- Sweep: one task per process writes `last_keepalive_at` for all responsive
+  tunnels of this node in one UPDATE per interval, not one write per probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+import asyncssh
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from core.config import RelaySettings
+from core.models import Tunnel, utcnow
+from relay.context import RelayContext
+from relay.device_auth import drop_reason, load_device
+
+log = logging.getLogger(__name__)
+
+WATCH_RECHECK = 3600.0  # safety-net re-read if a wake-up was ever missed
+DEFAULT_SWEEP = 30.0
+SWEEP_CHUNK = 500  # ids per UPDATE ... WHERE id IN (...): well under SQLite's variable limit
+
+
+def keepalive_options(s: RelaySettings) -> tuple[float, int]:
+    """(interval, count_max) for conn.set_keepalive so a dead peer goes within interval x count."""
+    interval, count = s.keepalive_interval, max(1, s.keepalive_count)
+    if interval <= 0:
+        return 0.0, 1
+    if count == 1:
+        return interval / 2, 1
+    return interval, count - 1
+
+
+def sweep_interval(s: RelaySettings) -> float:
+    return s.keepalive_interval if s.keepalive_interval > 0 else DEFAULT_SWEEP
+
+
+async def watch_device(
+    ctx: RelayContext,
+    device_id: str,
+    peer_ip: str,
+    since: datetime,
+    drop: Callable[[str], None],
+) -> None:
+    """Until cancelled: on each wake-up for this device, re-decide; call drop(reason) and end."""
+    topic = f"device:{device_id}"
+    while True:
+        await ctx.hub.wait(topic, WATCH_RECHECK)
+        try:
+            view = await ctx.db(lambda s: load_device(s, device_id))
+        except SQLAlchemyError as exc:
+            log.warning("device watch %s: database error %s", device_id, type(exc).__name__)
+            continue
+        reason = drop_reason(view, peer_ip, since)
+        if reason is not None:
+            log.info("dropping tunnel device=%s reason=%s", device_id, reason)
+            drop(reason)
+            return
+
+
+def responsive(conn: asyncssh.SSHServerConnection) -> bool:
+    """No keepalive probe is outstanding (asyncssh keeps this count privately; 0 if absent)."""
+    return int(getattr(conn, "_keepalive_count", 0)) == 0
+
+
+def ensure_sweeper(ctx: RelayContext) -> None:
+    """Start the per-process sweep if it is not running; it ends when no tunnel is left."""
+    task = ctx.tunnels.sweeper
+    if task is None or task.done():
+        ctx.tunnels.sweeper = asyncio.get_running_loop().create_task(
+            _sweep_loop(ctx), name="tunnel-liveness"
+        )
+
+
+async def _sweep_loop(ctx: RelayContext) -> None:
+    interval = sweep_interval(ctx.settings.relay)
+    while len(ctx.tunnels):
+        await asyncio.sleep(interval)
+        try:
+            await sweep_once(ctx)
+        except SQLAlchemyError as exc:
+            log.warning("tunnel liveness sweep failed: %s", type(exc).__name__)
+
+
+async def sweep_once(ctx: RelayContext) -> int:
+    """Stamp last_keepalive_at on every responsive open tunnel of this node; return how many."""
+    ids = [
+        t.row_id
+        for t in ctx.tunnels
+        if t.row_id is not None and not t.closed.is_set() and responsive(t.conn)
+    ]
+    if ids:
+        now = utcnow()
+        await ctx.db(lambda s: _stamp(s, ids, now))
+    return len(ids)
+
+
+def _stamp(session: Session, ids: list[int], now: datetime) -> None:
+    for i in range(0, len(ids), SWEEP_CHUNK):
+        session.execute(
+            update(Tunnel)
+            .where(Tunnel.id.in_(ids[i : i + SWEEP_CHUNK]), Tunnel.closed_at.is_(None))
+            .values(last_keepalive_at=now)
+        )
