@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ def stack(
     process_factory: ProcessFactory,
     sshd_factory: SshdFactory,
     tmp_path: Path,
-) -> Iterator[Stack]:
+) -> Stack:
     """`rly serve` with account acme; devices and targets are stopped by their factories."""
     server = rly_factory(config={"relay": {"keepalive_interval": "2s", "keepalive_count": 2}})
-    yield Stack(server, process_factory, sshd_factory, tmp_path)
+    return Stack(server, process_factory, sshd_factory, tmp_path)

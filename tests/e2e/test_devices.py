@@ -14,7 +14,7 @@ def device_list(stack: Stack) -> str:
 
 
 def test_enrolled_device_is_pending_until_accepted(stack: Stack) -> None:
-    """A device enrolled with a plain token shows as pending with its fingerprint, then comes online once accepted."""
+    """A plain-token device is pending (with fingerprint) until accepted, then comes online."""
     device = stack.enroll_device(auto_accept=False)
     device.start()
     listing = device_list(stack)
