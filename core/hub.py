@@ -1,8 +1,10 @@
 """In-process wake-ups between the relay, tracker and portal sharing one loop.
 
-A waiter also polls the database (callers pass a check function), so a change
-made by another process is seen within the poll interval; the hub only makes
-the common single-process case immediate.
+Waiters never poll the database themselves: core/feed.py turns changes made by
+any process into `notify` calls, so the common single-process case is
+immediate and several processes agree within the feed interval.
+A subscriber is a plain callback, so an idle device tunnel watching its own
+topic costs one set entry, not a task and a timer.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-
 POLL_INTERVAL = 0.25
+Callback = Callable[[], None]
 
 
 class Hub:
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._subscribers: dict[str, set[Callback]] = defaultdict(set)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -28,31 +30,43 @@ class Hub:
         self._loop = loop
 
     def notify(self, topic: str) -> None:
-        """Wake every waiter on topic; safe to call from any thread."""
+        """Call every subscriber of topic on the loop; safe to call from any thread."""
         with self._lock:
-            events = list(self._waiters.get(topic, ()))
+            callbacks = list(self._subscribers.get(topic, ()))
         loop = self._loop
-        for ev in events:
+        for callback in callbacks:
             if loop is None:
-                ev.set()
+                callback()
             else:
-                loop.call_soon_threadsafe(ev.set)
+                loop.call_soon_threadsafe(callback)
+
+    def subscribe(self, topic: str, callback: Callback) -> Callback:
+        """Register callback for topic; return the function that unregisters it."""
+        with self._lock:
+            self._subscribers[topic].add(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                subscribers = self._subscribers.get(topic)
+                if subscribers is not None:
+                    subscribers.discard(callback)
+                    if not subscribers:
+                        del self._subscribers[topic]
+
+        return unsubscribe
 
     async def wait(self, topic: str, timeout: float) -> bool:
         """Wait for a notify on topic; True if woken, False on timeout."""
-        ev = asyncio.Event()
-        with self._lock:
-            self._waiters[topic].add(ev)
+        event = asyncio.Event()
+        unsubscribe = self.subscribe(topic, event.set)
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
             return True
         except TimeoutError:
             return False
         finally:
-            with self._lock:
-                self._waiters[topic].discard(ev)
-                if not self._waiters[topic]:
-                    del self._waiters[topic]
+            unsubscribe()
 
     async def wait_until(
         self, topic: str, check: Callable[[], Awaitable[T | None]], timeout: float

@@ -34,7 +34,7 @@ from relay.device_auth import (
     refusal,
     valid_device_id,
 )
-from relay.liveness import ensure_sweeper, keepalive_options, watch_device
+from relay.liveness import ensure_sweeper, keepalive_options, recheck_device
 from relay.tunnels import DeviceTunnel, close_tunnel_row, insert_tunnel_row
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class DeviceServer(asyncssh.SSHServer):
         self._authed_at = utcnow()
         self._tunnel: DeviceTunnel | None = None
         self._forwarding = False
-        self._watcher: asyncio.Task[None] | None = None
+        self._unwatch: Callable[[], None] | None = None
+        self._rechecking = False
+        self._recheck_again = False
         self._refused = 0
         self._reason: str | None = None
         self._lost = False
@@ -160,15 +162,34 @@ class DeviceServer(asyncssh.SSHServer):
         # userauth request, which would undo it.
         assert self._conn is not None
         self._conn.set_keepalive(*keepalive_options(self._ctx.settings.relay))
-        self._watcher = asyncio.get_running_loop().create_task(
-            watch_device(self._ctx, view.id, self._peer_ip, self._authed_at, self._drop),
-            name=f"device-watch-{view.id}",
-        )
+        self._unwatch = self._ctx.hub.subscribe(f"device:{view.id}", self._device_changed)
+
+    def _device_changed(self) -> None:
+        """Hub callback: re-read the device once (coalescing bursts of wake-ups)."""
+        if self._device is None or self._lost:
+            return
+        self._recheck_again = True
+        if self._rechecking:
+            return  # the running recheck reads the device once more when it is done
+        self._rechecking = True
+        device_id = self._device.id
+
+        async def recheck() -> None:
+            try:
+                while self._recheck_again and not self._lost:
+                    self._recheck_again = False
+                    await recheck_device(
+                        self._ctx, device_id, self._peer_ip, self._authed_at, self._drop
+                    )
+            finally:
+                self._rechecking = False
+
+        self._spawn(recheck(), f"device-recheck-{device_id}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        if self._watcher is not None:
-            self._watcher.cancel()
+        if self._unwatch is not None:
+            self._unwatch()
         tunnel = self._tunnel
         if tunnel is not None:
             self._ctx.tunnels.remove(tunnel)

@@ -7,8 +7,9 @@
   interval x count, without probing more often than configured. Any packet
   from the device (its own keepalives included) restarts the timer, so a
   device that probes itself costs the relay no extra sends.
-- Watcher: one task per connection sleeps on the hub topic `device:<id>` and
-  re-reads the device only when woken (revoke, allowlist change, repair/close).
+- Watcher: each connection subscribes a callback to the hub topic `device:<id>`
+  (no task while idle) and re-reads the device only when woken (revoke,
+  allowlist change, repair/close).
 - Sweep: one task per process writes `last_keepalive_at` for all responsive
   tunnels of this node in one UPDATE per interval, not one write per probe.
 """
@@ -32,7 +33,6 @@ from relay.device_auth import drop_reason, load_device
 
 log = logging.getLogger(__name__)
 
-WATCH_RECHECK = 3600.0  # safety-net re-read if a wake-up was ever missed
 DEFAULT_SWEEP = 30.0
 SWEEP_CHUNK = 500  # ids per UPDATE ... WHERE id IN (...): well under SQLite's variable limit
 
@@ -51,27 +51,23 @@ def sweep_interval(s: RelaySettings) -> float:
     return s.keepalive_interval if s.keepalive_interval > 0 else DEFAULT_SWEEP
 
 
-async def watch_device(
+async def recheck_device(
     ctx: RelayContext,
     device_id: str,
     peer_ip: str,
     since: datetime,
     drop: Callable[[str], None],
 ) -> None:
-    """Until cancelled: on each wake-up for this device, re-decide; call drop(reason) and end."""
-    topic = f"device:{device_id}"
-    while True:
-        await ctx.hub.wait(topic, WATCH_RECHECK)
-        try:
-            view = await ctx.db(lambda s: load_device(s, device_id))
-        except SQLAlchemyError as exc:
-            log.warning("device watch %s: database error %s", device_id, type(exc).__name__)
-            continue
-        reason = drop_reason(view, peer_ip, since)
-        if reason is not None:
-            log.info("dropping tunnel device=%s reason=%s", device_id, reason)
-            drop(reason)
-            return
+    """Re-decide after a wake-up for this device; call drop(reason) if it must go."""
+    try:
+        view = await ctx.db(lambda s: load_device(s, device_id))
+    except SQLAlchemyError as exc:
+        log.warning("device watch %s: database error %s", device_id, type(exc).__name__)
+        return
+    reason = drop_reason(view, peer_ip, since)
+    if reason is not None:
+        log.info("dropping tunnel device=%s reason=%s", device_id, reason)
+        drop(reason)
 
 
 def responsive(conn: asyncssh.SSHServerConnection) -> bool:

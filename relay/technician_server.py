@@ -1,16 +1,195 @@
-"""Placeholder: the technician port refuses every login until the technician issue lands."""
+"""The technician port's SSH hooks: who may log in, and nothing else allowed.
+
+Two logins: the shared gate user with the (non-secret) gate password, by
+password or keyboard-interactive, and a portal user with one of their
+registered public keys (then only that user may approve). Deny by default:
+no port forwarding of any kind, no agent, no X11, before or after approval;
+each refusal is audited. Pre-auth limits come from relay.preauth.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import asyncssh
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from core import audit
+from core.models import User, UserKey
 from relay.context import RelayContext
-from relay.device_server import DenyAllServer
+from relay.menu import LoginInfo, MenuSession
+from relay.preauth import PreauthLimiter
+
+log = logging.getLogger(__name__)
+PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
+
+
+class TechnicianServer(asyncssh.SSHServer):
+    def __init__(self, ctx: RelayContext, limiter: PreauthLimiter) -> None:
+        self.ctx = ctx
+        self.limiter = limiter
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.client_ip = ""
+        self.counted = False
+        self.required_user_id: int | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- connection life -----------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        if not self.limiter.admit(self.client_ip):
+            log.warning("technician connection refused: pre-auth limit from=%s", self.client_ip)
+            conn.abort()
+            return
+        self.counted = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.limiter.release(self.client_ip)
+
+    def auth_completed(self) -> None:
+        self._release()
+        assert self.conn is not None
+        username = str(self.conn.get_extra_info("username"))
+        version = str(self.conn.get_extra_info("client_version") or "")
+        info = LoginInfo(username, self.required_user_id, self.client_ip, version)
+        self.conn.set_extra_info(rly_login=info)
+        method = "publickey" if self.required_user_id is not None else "gate password"
+        self._audit("technician.login", username, f"ok method={method} client={version[:100]}")
+
+    # -- authentication --------------------------------------------------------
+
+    @property
+    def _gate_enabled(self) -> bool:
+        return bool(self.ctx.settings.relay.gate_password)
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return self._gate_enabled
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._check_gate(username, password)
+
+    def kbdint_auth_supported(self) -> bool:
+        return self._gate_enabled
+
+    def get_kbdint_challenge(
+        self, username: str, lang: str, submethods: str
+    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        return "", "", "", [(PASSWORD_PROMPT, False)]
+
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        return len(responses) == 1 and await self._check_gate(username, responses[0])
+
+    async def _check_gate(self, username: str, password: str) -> bool:
+        s = self.ctx.settings.relay
+        ok = self._gate_enabled and hmac.compare_digest(
+            f"{username}\0{password}".encode(), f"{s.gate_user}\0{s.gate_password}".encode()
+        )
+        if not ok:
+            await self._failed(username, "gate password")
+        return ok
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        fingerprint = key.get_fingerprint()
+
+        def run(session: Session) -> int | None:
+            return session.scalar(
+                select(User.id)
+                .join(UserKey, UserKey.user_id == User.id)
+                .where(UserKey.fingerprint == fingerprint, User.username == username)
+                .where(User.disabled.is_(False))
+            )
+
+        user_id = await self.ctx.db(run)
+        if user_id is None:
+            return False  # clients offer several keys: a miss is not a failed login
+        self.required_user_id = user_id
+        return True
+
+    async def _failed(self, username: str, method: str) -> None:
+        delay = self.limiter.failure(self.client_ip)
+        self._audit("technician.login_failed", username, f"method={method} delay={delay:.2f}s")
+        await asyncio.sleep(delay)
+
+    # -- deny by default --------------------------------------------------------
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        self._refused(f"direct-tcpip to {dest_host[:100]}:{dest_port}")
+        return False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused(f"tcpip-forward on {listen_host[:100]}:{listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refused("direct-streamlocal")
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused("streamlocal-forward")
+        return False
+
+    def _refused(self, what: str) -> None:
+        username = str(self.conn.get_extra_info("username") or "") if self.conn else ""
+        log.info("technician request refused what=%s from=%s", what, self.client_ip)
+        self._audit("technician.refused_request", username, what)
+
+    def _audit(self, action: str, actor: str, detail: str) -> None:
+        def run(session: Session) -> None:
+            audit.record(
+                session, action=action, actor=actor[:64], detail=detail, source_ip=self.client_ip
+            )
+
+        self._spawn(self.ctx.db(run))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("technician audit write failed: %s", type(task.exception()).__name__)
 
 
 def make_technician_server(
     ctx: RelayContext,
 ) -> tuple[Callable[[], asyncssh.SSHServer], dict[str, object]]:
-    return DenyAllServer, {}
+    """The server factory and the listen() options of the technician port."""
+    s = ctx.settings.relay
+    limiter = PreauthLimiter(s.max_unauthenticated, s.max_unauthenticated_per_source)
+
+    def factory() -> asyncssh.SSHServer:
+        return TechnicianServer(ctx, limiter)
+
+    extra: dict[str, object] = {
+        "process_factory": MenuSession.factory(ctx),
+        "encoding": "utf-8",
+        "errors": "surrogateescape",  # device bytes survive the text channel unchanged
+        "line_editor": True,
+        "line_history": 200,
+        "max_line_length": 4096,
+    }
+    return factory, extra

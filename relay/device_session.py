@@ -1,0 +1,216 @@
+"""One technician session on one device: tunnel, session row, certificate, bridge, bookkeeping.
+
+Everything that must happen around the byte pump lives here so the menu only
+says "connect": waiting for a tunnel (with the seed's words), the SshSession
+row and its audit events, host key pinning, the recording, remote close
+requests (`session:<id>` on the hub) and the byte counts at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncssh
+
+from relay import session_rows
+from relay.approval_gate import Identity
+from relay.bridge import HostKeyMismatch, Pump, Traffic, connect_target, host_key_line
+from relay.context import RelayContext
+from relay.device_lookup import DeviceInfo
+from relay.recording import Recording
+from relay.tunnels import DeviceTunnel
+
+log = logging.getLogger(__name__)
+WAITING = "Waiting for connection..."
+GIVING_UP = "Giving up. Cannot connect"
+WATCH_INTERVAL = 5.0
+ACTIVITY_INTERVAL = 30.0
+
+
+@dataclass
+class Outcome:
+    """How a device session ended; exit_status is None when no shell ran."""
+
+    exit_status: int | None
+    exit_signal: str | None
+    reason: str
+
+
+class DeviceSession:
+    def __init__(
+        self,
+        ctx: RelayContext,
+        process: asyncssh.SSHServerProcess[str],
+        identity: Identity,
+        device: DeviceInfo,
+        client_ip: str,
+        say: Callable[[str], None],
+    ) -> None:
+        self.ctx = ctx
+        self.process = process
+        self.identity = identity
+        self.device = device
+        self.client_ip = client_ip
+        self.say = say
+        self.traffic = Traffic()
+
+    async def wait_for_tunnel(self) -> DeviceTunnel | None:
+        """The device's tunnel on this relay, asking the device to open one if needed."""
+        device_id = self.device.id
+        tunnel = self.ctx.tunnels.get(device_id)
+        if tunnel is not None:
+            return tunnel
+        self.say(WAITING)
+        await self.ctx.db(lambda s: session_rows.request_tunnel(s, device_id, "open"))
+        self.ctx.hub.notify(f"device:{device_id}")
+
+        async def check() -> DeviceTunnel | None:
+            return self.ctx.tunnels.get(device_id)
+
+        timeout = self.ctx.settings.relay.connect_timeout
+        return await self.ctx.hub.wait_until(f"tunnel:{device_id}", check, timeout)
+
+    async def run(self, remote_command: str) -> Outcome:
+        tunnel = await self.wait_for_tunnel()
+        if tunnel is None:
+            timeout = self.ctx.settings.relay.connect_timeout
+            self.say(GIVING_UP)
+            self.say(f"Device {self.device.id} did not bring up its tunnel within {timeout:g} s.")
+            return Outcome(None, None, "no tunnel")
+        session_id = await session_rows.start(
+            self.ctx, self.identity, self.device.id, self.client_ip
+        )
+        outcome = Outcome(None, None, "connect failed")
+        recording: Recording | None = None
+        try:
+            conn = await self._connect(tunnel, session_id)
+            if conn is None:
+                return outcome
+            async with conn:
+                recording = self._start_recording(session_id)
+                outcome = await self._bridge(conn, session_id, remote_command, recording)
+        finally:
+            if recording is not None:
+                recording.close()
+            path = str(recording.path) if recording is not None else None
+            await asyncio.shield(
+                session_rows.end(self.ctx, session_id, self.identity, self.traffic, outcome, path)
+            )
+        return outcome
+
+    async def _connect(
+        self, tunnel: DeviceTunnel, session_id: str
+    ) -> asyncssh.SSHClientConnection | None:
+        key, cert = self.ctx.keys.user_certificate(
+            session_id=session_id, username=self.identity.username, principal=self.device.login_user
+        )
+        try:
+            conn = await connect_target(
+                tunnel,
+                login_user=self.device.login_user,
+                key=key,
+                cert=cert,
+                pinned_host_key=self.device.target_host_key,
+                timeout=self.ctx.settings.relay.connect_timeout,
+            )
+        except HostKeyMismatch:
+            self.say(f"ALERT: device {self.device.id} presented a host key other than its pin.")
+            self.say("Refusing to connect; an admin must check the device and re-pin its key.")
+            await session_rows.host_key_mismatch(self.ctx, self.identity, self.device.id)
+            return None
+        except (OSError, TimeoutError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
+            self.say(GIVING_UP)
+            self.say(f"The device's SSH target did not answer: {_one_line(exc)}")
+            return None
+        if not self.device.target_host_key:
+            line = host_key_line(conn)
+            if line:
+                await self.ctx.db(lambda s: session_rows.pin_host_key(s, self.device.id, line))
+        return conn
+
+    def _start_recording(self, session_id: str) -> Recording | None:
+        if not self.ctx.settings.relay.recordings:
+            return None
+        width, height = self.process.term_size[:2]
+        try:
+            return Recording.create(
+                self.ctx.settings.data_dir,
+                session_id,
+                width=width or 80,
+                height=height or 24,
+                term=self.process.term_type or "",
+                title=f"{self.identity.username}@{self.device.id}",
+            )
+        except OSError as exc:
+            log.warning("recording unavailable session=%s error=%s", session_id, exc)
+            return None
+
+    async def _bridge(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        session_id: str,
+        remote_command: str,
+        recording: Recording | None,
+    ) -> Outcome:
+        tech = self.process
+        upstream = await conn.create_process(
+            remote_command or None,
+            term_type=tech.term_type,
+            term_size=tech.term_size,
+            term_modes=tech.term_modes,
+            encoding=None,
+        )
+        pump = Pump(
+            tech,
+            upstream,
+            self.traffic,
+            on_output=recording.output if recording else None,
+            on_resize=recording.resize if recording else None,
+        )
+        tasks = {
+            "exit": asyncio.create_task(pump.run()),
+            "closed by request": asyncio.create_task(self._watch(session_id)),
+            "technician left": asyncio.create_task(tech.channel.wait_closed()),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        reason = next(name for name, task in tasks.items() if task in done)
+        if reason == "exit":
+            await upstream.wait_closed()
+        return _outcome(reason, upstream)
+
+    async def _watch(self, session_id: str) -> None:
+        """Return when another session asked to close this one; keep last_activity_at fresh."""
+        loop = asyncio.get_running_loop()
+        written = loop.time()
+        while True:
+            woken = await self.ctx.hub.wait(f"session:{session_id}", WATCH_INTERVAL)
+            now = loop.time()
+            if woken or now - written >= ACTIVITY_INTERVAL:
+                active = self.traffic.last_activity > written
+                traffic = self.traffic if active else None
+                if await session_rows.poll(self.ctx, session_id, traffic):
+                    return
+                written = now
+
+
+def _outcome(reason: str, upstream: asyncssh.SSHClientProcess[bytes]) -> Outcome:
+    if reason != "exit":
+        return Outcome(None, None, reason)
+    if upstream.exit_signal is not None:
+        return Outcome(None, upstream.exit_signal[0], f"signal {upstream.exit_signal[0]}")
+    if upstream.exit_status is None or upstream.exit_status < 0:
+        return Outcome(None, None, "connection to the device lost")
+    return Outcome(upstream.exit_status, None, f"exit {upstream.exit_status}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
