@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+from rly.http_limits import DeadlineH11Protocol, limit_body
+
 
 class EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -45,7 +47,8 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
             "ssl_version": ssl.PROTOCOL_TLS_SERVER,
         }
     config = uvicorn.Config(
-        app,
+        limit_body(app),
+        http=DeadlineH11Protocol,
         log_level=log_level,
         access_log=False,
         proxy_headers=False,
