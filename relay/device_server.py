@@ -35,6 +35,7 @@ from relay.device_auth import (
     valid_device_id,
 )
 from relay.liveness import ensure_sweeper, keepalive_options, recheck_device
+from relay.preauth import PreauthLimiter
 from relay.tunnels import DeviceTunnel, close_tunnel_row, insert_tunnel_row
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,10 @@ class DeviceListener(asyncssh.SSHListener):
 class DeviceServer(asyncssh.SSHServer):
     """One device connection: authenticate, hold the forward, watch for revocation."""
 
-    def __init__(self, ctx: RelayContext) -> None:
+    def __init__(self, ctx: RelayContext, limiter: PreauthLimiter) -> None:
         self._ctx = ctx
+        self._limiter = limiter
+        self._counted = False  # holds a place among the unauthenticated connections
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer_ip = ""
         self._peer_port = 0
@@ -110,6 +113,16 @@ class DeviceServer(asyncssh.SSHServer):
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self._peer_ip, self._peer_port = str(peer[0]), int(peer[1])
+        if not self._limiter.admit(self._peer_ip):
+            log.warning("device connection refused: pre-auth limit from=%s", self._peer_ip)
+            conn.abort()
+            return
+        self._counted = True
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._limiter.release(self._peer_ip)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -148,6 +161,7 @@ class DeviceServer(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         """The device proved its key: decide from its status and address (no await: no race)."""
+        self._release()
         view = self._view
         assert view is not None  # auth succeeds only through validate_public_key
         self._authed_at = utcnow()
@@ -187,6 +201,7 @@ class DeviceServer(asyncssh.SSHServer):
         self._spawn(recheck(), f"device-recheck-{device_id}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         self._lost = True
         if self._unwatch is not None:
             self._unwatch()
@@ -372,5 +387,7 @@ def describe(exc: Exception | None) -> str:
 
 
 def make_device_server(ctx: RelayContext) -> Callable[[], asyncssh.SSHServer]:
-    """The server factory for every device port."""
-    return lambda: DeviceServer(ctx)
+    """The server factory for one device port (with its own pre-auth limits)."""
+    s = ctx.settings.relay
+    limiter = PreauthLimiter(s.max_unauthenticated, s.max_unauthenticated_per_source)
+    return lambda: DeviceServer(ctx, limiter)

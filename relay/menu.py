@@ -67,8 +67,8 @@ class MenuSession:
         status: int | str = 1
         try:
             status = await self._until_closed(self.run())
-        except ChannelClosed:
-            return
+        except (ChannelClosed, BrokenPipeError, ConnectionError):
+            return  # the technician left mid-write: a normal end, not an internal error
         except Exception:
             log.exception("technician session failed login=%s", self.login.login)
             self.note("Internal error; the session ends.")

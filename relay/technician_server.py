@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import asyncssh
@@ -30,9 +30,17 @@ PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 
 
 class TechnicianServer(asyncssh.SSHServer):
-    def __init__(self, ctx: RelayContext, limiter: PreauthLimiter) -> None:
+    def __init__(
+        self,
+        ctx: RelayContext,
+        limiter: PreauthLimiter,
+        handler: Callable[[asyncssh.SSHServerProcess[str]], Awaitable[None]],
+    ) -> None:
         self.ctx = ctx
         self.limiter = limiter
+        self.handler = handler
+        self.open_sessions = 0
+        self.cap_audited = False
         self.conn: asyncssh.SSHServerConnection | None = None
         self.client_ip = ""
         self.counted = False
@@ -131,6 +139,24 @@ class TechnicianServer(asyncssh.SSHServer):
 
     # -- deny by default --------------------------------------------------------
 
+    def session_requested(self) -> asyncssh.SSHServerSession[str] | bool:
+        """A menu session, up to the per-connection channel cap (a flood is refused)."""
+        cap = self.ctx.settings.relay.max_channels_per_connection
+        if self.open_sessions >= cap:
+            if not self.cap_audited:  # one audit row per connection, not one per flood packet
+                self.cap_audited = True
+                self._refused(f"session beyond the cap of {cap} channels")
+            return False
+        self.open_sessions += 1
+
+        async def run(process: asyncssh.SSHServerProcess[str]) -> None:
+            try:
+                await self.handler(process)
+            finally:
+                self.open_sessions -= 1
+
+        return asyncssh.SSHServerProcess(run, None, 3, False)
+
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> bool:
@@ -181,11 +207,12 @@ def make_technician_server(
     s = ctx.settings.relay
     limiter = PreauthLimiter(s.max_unauthenticated, s.max_unauthenticated_per_source)
 
+    handler = MenuSession.factory(ctx)
+
     def factory() -> asyncssh.SSHServer:
-        return TechnicianServer(ctx, limiter)
+        return TechnicianServer(ctx, limiter, handler)
 
     extra: dict[str, object] = {
-        "process_factory": MenuSession.factory(ctx),
         "encoding": "utf-8",
         "errors": "surrogateescape",  # device bytes survive the text channel unchanged
         "line_editor": True,

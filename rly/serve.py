@@ -20,7 +20,7 @@ from core import db
 from core.config import Settings
 from core.feed import run_feed
 from core.hub import Hub
-from core.keys import KeyStore
+from core.keys import KeyStore, check_secret_file
 from relay.app import Relay, start_relay
 from relay.context import RelayContext
 from rly.health import create_root_app
@@ -52,6 +52,11 @@ def prepare(settings: Settings) -> Prepared:
     names = [node_name, public_host, "localhost", "127.0.0.1", "::1"]
     keys = KeyStore.load_or_create(settings.data_dir, [n for n in names if n])
     url = settings.effective_database_url
+    if not settings.database_url:  # the embedded database holds password hashes and TOTP secrets
+        for suffix in ("", "-wal", "-shm"):
+            path = settings.data_dir / f"rly.sqlite3{suffix}"
+            if path.exists():
+                check_secret_file(path)
     engine = db.make_engine(url)
     db.check_connection(engine)
     if url.startswith("sqlite"):

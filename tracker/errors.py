@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.validate import strip_controls
@@ -78,7 +79,14 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Fail closed with a clear 503 (never a 500 or a traceback) while the database is away."""
+    log.warning("tracker: database unavailable: %s", type(exc).__name__)
+    return error_response(503, "database unavailable; try again shortly")
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
