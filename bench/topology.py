@@ -1,0 +1,100 @@
+"""Start every process the shared legs need, in dependency order, and always stop them.
+
+One `ExitStack` owns every process: whatever happens (an exception, Ctrl-C),
+leaving `open_topology` stops everything started so far, newest first. The rly
+pieces are optional: if one step fails, the reason is kept per path and the
+OpenSSH baselines still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import Unavailable
+from bench.openssh import (
+    ClientKey,
+    SshPath,
+    baseline_paths,
+    start_master,
+    start_reverse_tunnel,
+    start_sshd,
+)
+from bench.rly_stack import (
+    Approver,
+    enroll_device,
+    rly_path,
+    start_server,
+    technician_master,
+)
+from tests.support.rly_server import RlyServer
+from tests.support.technician import Technician
+
+BASELINES = ("direct", "proxyjump", "reverse")
+
+
+@dataclass
+class Topology:
+    """What the shared legs measure against: multiplexed paths by name and the rly pieces."""
+
+    work: Path
+    paths: dict[str, SshPath] = field(default_factory=dict)
+    logins: dict[str, SshPath] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    server: RlyServer | None = None
+    approver: Approver | None = None
+    menu: Technician | None = None
+    device_id: str = ""
+
+    @property
+    def hops(self) -> dict[str, list[str]]:
+        return {name: list(path.hops) for name, path in self.paths.items()}
+
+
+@contextmanager
+def open_topology(work: Path, *, rly: bool) -> Iterator[Topology]:
+    """Start the OpenSSH baselines (and, if `rly`, the rly stack); stop all of it on exit."""
+    topo = Topology(work)
+    with ExitStack() as stack:
+        server = _start_rly_server(topo, stack) if rly else None
+        ca_keys = [_user_ca(server)] if server is not None else []
+        key = ClientKey(work)
+        device = start_sshd(work, stack, key, ca_keys)
+        jump = start_sshd(work, stack, key, [])
+        tunnel_port = start_reverse_tunnel(work, stack, key, jump, device)
+        for name, path in baseline_paths(key, device, jump, tunnel_port).items():
+            topo.logins[name] = path
+            topo.paths[name] = start_master(work, stack, path)
+        if server is not None:
+            try:
+                _start_rly_path(topo, stack, server, device.port)
+            except Unavailable as exc:
+                topo.unavailable["rly"] = str(exc)
+        yield topo
+
+
+def _start_rly_server(topo: Topology, stack: ExitStack) -> RlyServer | None:
+    try:
+        server = start_server(topo.work, stack)
+    except Unavailable as exc:
+        topo.unavailable["rly"] = str(exc)
+        return None
+    topo.server = server
+    return server
+
+
+def _user_ca(server: RlyServer) -> str:
+    """The relay's user CA, which the device sshd must trust (TrustedUserCAKeys)."""
+    return (server.data_dir / "keys" / "user_ca.pub").read_text().strip()
+
+
+def _start_rly_path(topo: Topology, stack: ExitStack, server: RlyServer, target_port: int) -> None:
+    """Approver first (the approval leg needs only it), then the device and the technician."""
+    approver = Approver(server)
+    stack.callback(approver.close)
+    topo.approver = approver
+    topo.device_id = enroll_device(server, topo.work, stack, target_port)
+    topo.menu = stack.enter_context(technician_master(server, approver, topo.work))
+    topo.paths["rly"] = rly_path(server, topo.work, topo.device_id, approver)
