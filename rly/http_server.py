@@ -54,6 +54,7 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
         proxy_headers=False,
         server_header=False,
         timeout_keep_alive=15,
+        timeout_graceful_shutdown=2,  # long polls must not hold up SIGTERM
         limit_concurrency=2048,
         h11_max_incomplete_event_size=16 * 1024,
         lifespan="off",
