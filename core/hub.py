@@ -25,6 +25,19 @@ class Hub:
         self._subscribers: dict[str, set[Callback]] = defaultdict(set)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False
+
+    def close(self) -> None:
+        """Shutting down: wake every waiter now and make later waits return at once.
+
+        Long polls then answer normally inside the HTTP server's grace period
+        instead of being cancelled mid-request.
+        """
+        self.closing = True
+        with self._lock:
+            callbacks = [cb for subscribers in self._subscribers.values() for cb in subscribers]
+        for callback in callbacks:
+            callback()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -56,7 +69,9 @@ class Hub:
         return unsubscribe
 
     async def wait(self, topic: str, timeout: float) -> bool:
-        """Wait for a notify on topic; True if woken, False on timeout."""
+        """Wait for a notify on topic; True if woken, False on timeout or while closing."""
+        if self.closing:
+            return False
         event = asyncio.Event()
         unsubscribe = self.subscribe(topic, event.set)
         try:

@@ -122,6 +122,7 @@ async def serve(p: Prepared, parts: set[str]) -> int:
     _announce(s, relay, http_sock)
     await stop.wait()
     log.info("shutting down")
+    hub.close()
     if server is not None:
         server.should_exit = True
     if relay is not None:
