@@ -153,7 +153,7 @@ class Runner:
             if time.time() - tunnel.since >= STABLE_AFTER:
                 backoff.reset()
             if reason == "connection lost":
-                await self._wait_poke(backoff.next_delay())
+                await self._wait_poke(backoff.after_drop())
 
     async def _close_tunnel(self) -> None:
         tunnel, self.tunnel = self.tunnel, None

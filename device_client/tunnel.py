@@ -67,6 +67,17 @@ class Backoff:
         self.attempt += 1
         return delay
 
+    def after_drop(self) -> float:
+        """The first retry after an established tunnel dropped: uniform over the whole cap.
+
+        Every device of a relay loses its tunnel at the same moment when that relay
+        restarts; spreading their return over the cap keeps them from arriving as a
+        herd (about 1/cap of them per second). A repair or open request from the
+        tracker still cuts the wait short.
+        """
+        self.attempt += 1
+        return self.rng.uniform(0, self.cap)
+
     def reset(self) -> None:
         """Start again from the base (after a tunnel proved stable)."""
         self.attempt = 0

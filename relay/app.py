@@ -12,7 +12,7 @@ import asyncssh
 
 from relay.context import RelayContext
 from relay.device_server import make_device_server
-from relay.node import register_node, run_node_heartbeat
+from relay.node import close_stale_rows, register_node, run_node_heartbeat
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
 from relay.technician_server import make_technician_server
 
@@ -79,6 +79,7 @@ def _bound_port(acceptor: asyncssh.SSHAcceptor) -> int:
 async def start_relay(ctx: RelayContext) -> Relay:
     """Listen on the technician port and every device port; raise OSError if one is taken."""
     s = ctx.settings.relay
+    await close_stale_rows(ctx)
     acceptors: list[asyncssh.SSHAcceptor] = []
     try:
         for port in s.device_ports:

@@ -16,18 +16,14 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10.0
 
 
-async def register_node(ctx: RelayContext) -> None:
-    """Upsert this node and close tunnel/session rows a previous run left open."""
+async def close_stale_rows(ctx: RelayContext) -> None:
+    """Close the tunnel and session rows a previous run of this node left open.
+
+    Runs before the listeners open, so it can never close a tunnel that a device
+    re-established on this run.
+    """
 
     def run(session: Session) -> None:
-        node = session.get(RelayNode, ctx.node_name)
-        if node is None:
-            node = RelayNode(name=ctx.node_name)
-            session.add(node)
-        node.public_host = ctx.public_host
-        node.device_ports = ",".join(str(p) for p in ctx.device_ports)
-        node.technician_port = ctx.technician_port
-        node.started_at = node.last_seen_at = utcnow()
         now = utcnow()
         session.execute(
             update(Tunnel)
@@ -39,6 +35,22 @@ async def register_node(ctx: RelayContext) -> None:
             .where(SshSession.relay_node == ctx.node_name, SshSession.ended_at.is_(None))
             .values(ended_at=now, end_reason="relay restarted")
         )
+
+    await ctx.db(run)
+
+
+async def register_node(ctx: RelayContext) -> None:
+    """Upsert this node with the ports actually bound (the tracker hands them to devices)."""
+
+    def run(session: Session) -> None:
+        node = session.get(RelayNode, ctx.node_name)
+        if node is None:
+            node = RelayNode(name=ctx.node_name)
+            session.add(node)
+        node.public_host = ctx.public_host
+        node.device_ports = ",".join(str(p) for p in ctx.device_ports)
+        node.technician_port = ctx.technician_port
+        node.started_at = node.last_seen_at = utcnow()
 
     await ctx.db(run)
 

@@ -65,3 +65,12 @@ def test_env_cap_must_be_positive(monkeypatch: pytest.MonkeyPatch, value: str) -
     monkeypatch.setenv(BACKOFF_CAP_ENV, value)
     with pytest.raises(ValueError, match=BACKOFF_CAP_ENV):
         backoff_cap_from_env()
+
+
+def test_first_retry_after_a_drop_spreads_over_the_whole_cap() -> None:
+    """After an established tunnel drops, retries spread uniformly over the cap (no herd)."""
+    delays = [Backoff(cap=20.0, rng=random.Random(seed)).after_drop() for seed in range(2000)]
+    assert max(delays) <= 20.0
+    per_second = [sum(1 for d in delays if s <= d < s + 1) for s in range(20)]
+    assert max(per_second) <= 0.1 * len(delays)
+    assert min(per_second) > 0  # late seconds are used too, not only the first few
