@@ -5,6 +5,11 @@ login facts (who, from where, which client) are put on the connection by the
 technician server as `rly_login`. Until the portal approves, nothing but the
 approval text is shown; after approval the session acts as the approving
 portal user and sees only that user's account.
+
+One approval serves a whole connection (relay.kbdint_approval): a session on
+a connection that is approved already goes straight to the menu; one whose
+keyboard-interactive login created the request shows and awaits that request;
+otherwise (password or key login) the session creates its own, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from relay.bridge import raw_channel
 from relay.commands import Command, ParseError
 from relay.context import RelayContext
 from relay.device_session import DeviceSession
+from relay.kbdint_approval import ApprovalWaiter, ConnectionApproval
 from relay.menu_commands import dispatch
 
 log = logging.getLogger(__name__)
@@ -139,13 +145,21 @@ class MenuSession:
         return await self.menu()
 
     async def approve(self) -> bool:
-        gate = ApprovalGate(
-            self.ctx,
-            login=self.login.login,
-            required_user_id=self.login.required_user_id,
-            client_ip=self.login.client_ip,
-            client_version=self.login.client_version,
-        )
+        state = ConnectionApproval.of(self.process)
+        if state is not None and state.identity is not None:
+            self.identity = state.identity  # approved before (at login or in another session)
+            return True
+        gate: ApprovalWaiter
+        if state is not None and state.shared is not None:
+            gate = state.shared
+        else:
+            gate = ApprovalGate(
+                self.ctx,
+                login=self.login.login,
+                required_user_id=self.login.required_user_id,
+                client_ip=self.login.client_ip,
+                client_version=self.login.client_version,
+            )
         pending = await gate.create()
         self.note("This session needs approval. Open this link and approve it:")
         self.note("")
@@ -165,6 +179,8 @@ class MenuSession:
             return False
         if decision.status == "approved" and decision.identity is not None:
             self.identity = decision.identity
+            if state is not None:
+                state.identity = decision.identity  # the connection acts as them from now on
             self.note(f"Approved by {decision.identity.username}.")
             return True
         if decision.status == "rejected":
@@ -175,7 +191,7 @@ class MenuSession:
             self.note(f"The approval request was {decision.status}. Disconnecting.")
         return False
 
-    async def _wait(self, gate: ApprovalGate) -> Decision | None:
+    async def _wait(self, gate: ApprovalWaiter) -> Decision | None:
         """The decision, or None if the technician pressed Ctrl-C / Ctrl-D first."""
         self._line_mode(False)
         aborter = asyncio.create_task(self._abort_keys()) if self.pty else None

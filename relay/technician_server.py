@@ -5,6 +5,11 @@ password or keyboard-interactive, and a portal user with one of their
 registered public keys (then only that user may approve). Deny by default:
 no port forwarding of any kind, no agent, no X11, before or after approval;
 each refusal is audited. Pre-auth limits come from relay.preauth.
+
+The one exception is ProxyJump / `ssh -W` to `DEVICE:22` on an approved
+connection (relay.jump); the gate user's keyboard-interactive login shows the
+approval URL before the session starts (relay.kbdint_approval), so a client
+without a shell gets it too. Sessions and jump channels share one cap.
 """
 
 from __future__ import annotations
@@ -21,12 +26,20 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.models import User, UserKey
+from relay.approval_gate import ApprovalGate, Pending
 from relay.context import RelayContext
-from relay.menu import LoginInfo, MenuSession
+from relay.jump import JumpRequests
+from relay.kbdint_approval import (
+    EXTRA_INFO_KEY,
+    ConnectionApproval,
+    KbdintApproval,
+    KbdintChallenge,
+    disconnect_soon,
+)
+from relay.menu import DISCONNECT_GRACE, LoginInfo, MenuSession
 from relay.preauth import PreauthLimiter
 
 log = logging.getLogger(__name__)
-PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 
 
 class TechnicianServer(asyncssh.SSHServer):
@@ -46,6 +59,9 @@ class TechnicianServer(asyncssh.SSHServer):
         self.counted = False
         self.required_user_id: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.approval = ConnectionApproval()
+        self.kbdint = KbdintApproval(self._check_gate, self._start_approval)
+        self.jumps: JumpRequests | None = None
 
     # -- connection life -----------------------------------------------------
 
@@ -53,6 +69,8 @@ class TechnicianServer(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        conn.set_extra_info(**{EXTRA_INFO_KEY: self.approval})
+        self.jumps = JumpRequests(self.ctx, conn, self.approval, self.client_ip, self._refused)
         if not self.limiter.admit(self.client_ip):
             log.warning("technician connection refused: pre-auth limit from=%s", self.client_ip)
             conn.abort()
@@ -61,6 +79,8 @@ class TechnicianServer(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
+        if self.approval.shared is not None:  # the client left: a pending request is abandoned
+            self._spawn(self.approval.abandon())
 
     def _release(self) -> None:
         if self.counted:
@@ -95,13 +115,36 @@ class TechnicianServer(asyncssh.SSHServer):
     def kbdint_auth_supported(self) -> bool:
         return self._gate_enabled
 
-    def get_kbdint_challenge(
-        self, username: str, lang: str, submethods: str
-    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
-        return "", "", "", [(PASSWORD_PROMPT, False)]
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> KbdintChallenge:
+        return self.kbdint.challenge()
 
-    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
-        return len(responses) == 1 and await self._check_gate(username, responses[0])
+    async def validate_kbdint_response(
+        self, username: str, responses: Sequence[str]
+    ) -> KbdintChallenge:
+        """Gate password, then a prompt-less round showing the approval (relay.kbdint_approval)."""
+        return await self.kbdint.respond(username, list(responses))
+
+    async def _start_approval(self, username: str) -> Pending:
+        """The connection's approval request, created during keyboard-interactive login."""
+        assert self.conn is not None
+        version = str(self.conn.get_extra_info("client_version") or "")
+        gate = ApprovalGate(
+            self.ctx,
+            login=username,
+            required_user_id=None,
+            client_ip=self.client_ip,
+            client_version=version,
+        )
+        shared = await self.approval.start_shared(gate)
+        shared.task.add_done_callback(self._approval_decided)
+        return await shared.create()
+
+    def _approval_decided(self, task: asyncio.Task[Any]) -> None:
+        """Rejected or expired: end the connection even if nothing on it is waiting."""
+        if task.cancelled() or task.exception() is not None or self.conn is None:
+            return
+        if task.result().status != "approved":
+            disconnect_soon(self.conn, f"rly: approval {task.result().status}", DISCONNECT_GRACE)
 
     async def _check_gate(self, username: str, password: str) -> bool:
         s = self.ctx.settings.relay
@@ -141,13 +184,8 @@ class TechnicianServer(asyncssh.SSHServer):
 
     def session_requested(self) -> asyncssh.SSHServerSession[str] | bool:
         """A menu session, up to the per-connection channel cap (a flood is refused)."""
-        cap = self.ctx.settings.relay.max_channels_per_connection
-        if self.open_sessions >= cap:
-            if not self.cap_audited:  # one audit row per connection, not one per flood packet
-                self.cap_audited = True
-                self._refused(f"session beyond the cap of {cap} channels")
+        if not self._take_channel("session"):
             return False
-        self.open_sessions += 1
 
         async def run(process: asyncssh.SSHServerProcess[str]) -> None:
             try:
@@ -157,11 +195,26 @@ class TechnicianServer(asyncssh.SSHServer):
 
         return asyncssh.SSHServerProcess(run, None, 3, False)
 
+    def _take_channel(self, kind: str) -> bool:
+        cap = self.ctx.settings.relay.max_channels_per_connection
+        if self.open_sessions >= cap:
+            if not self.cap_audited:  # one audit row per connection, not one per flood packet
+                self.cap_audited = True
+                self._refused(f"{kind} beyond the cap of {cap} channels")
+            return False
+        self.open_sessions += 1
+        return True
+
+    def _release_channel(self) -> None:
+        self.open_sessions -= 1
+
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> bool:
-        self._refused(f"direct-tcpip to {dest_host[:100]}:{dest_port}")
-        return False
+    ) -> Awaitable[asyncssh.SSHTCPSession[bytes]] | bool:
+        """ProxyJump to a device (relay.jump), held until the approval; all else is refused."""
+        if self.jumps is None or not self._take_channel("direct-tcpip"):
+            return False
+        return self.jumps.request(dest_host, dest_port, self._release_channel)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         self._refused(f"tcpip-forward on {listen_host[:100]}:{listen_port}")
