@@ -17,7 +17,7 @@ import asyncssh
 
 from relay import session_rows
 from relay.approval_gate import Identity
-from relay.bridge import HostKeyMismatch, Pump, Traffic, connect_target, host_key_line
+from relay.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
 from relay.context import RelayContext
 from relay.device_lookup import DeviceInfo
 from relay.recording import Recording
@@ -156,35 +156,29 @@ class DeviceSession:
         recording: Recording | None,
     ) -> Outcome:
         tech = self.process
-        upstream = await conn.create_process(
-            remote_command or None,
-            term_type=tech.term_type,
-            term_size=tech.term_size,
-            term_modes=tech.term_modes,
-            encoding=None,
-        )
-        pump = Pump(
+        bridge = Bridge(
             tech,
-            upstream,
             self.traffic,
             on_output=recording.output if recording else None,
             on_resize=recording.resize if recording else None,
         )
-        tasks = {
-            "exit": asyncio.create_task(pump.run()),
-            "closed by request": asyncio.create_task(self._watch(session_id)),
-            "technician left": asyncio.create_task(tech.channel.wait_closed()),
-        }
         try:
-            done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            await bridge.start(conn, remote_command or None)
+            tasks = {
+                "exit": asyncio.create_task(bridge.wait()),
+                "closed by request": asyncio.create_task(self._watch(session_id)),
+                "technician left": asyncio.create_task(tech.channel.wait_closed()),
+            }
+            try:
+                done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks.values():
+                    task.cancel()
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
         finally:
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            bridge.detach()
         reason = next(name for name, task in tasks.items() if task in done)
-        if reason == "exit":
-            await upstream.wait_closed()
-        return _outcome(reason, upstream)
+        return _outcome(reason, bridge)
 
     async def _watch(self, session_id: str) -> None:
         """Return when another session asked to close this one; keep last_activity_at fresh."""
@@ -201,14 +195,14 @@ class DeviceSession:
                 written = now
 
 
-def _outcome(reason: str, upstream: asyncssh.SSHClientProcess[bytes]) -> Outcome:
+def _outcome(reason: str, bridge: Bridge) -> Outcome:
     if reason != "exit":
         return Outcome(None, None, reason)
-    if upstream.exit_signal is not None:
-        return Outcome(None, upstream.exit_signal[0], f"signal {upstream.exit_signal[0]}")
-    if upstream.exit_status is None or upstream.exit_status < 0:
+    if bridge.exit_signal is not None:
+        return Outcome(None, bridge.exit_signal, f"signal {bridge.exit_signal}")
+    if bridge.exit_status is None or bridge.exit_status < 0:
         return Outcome(None, None, "connection to the device lost")
-    return Outcome(upstream.exit_status, None, f"exit {upstream.exit_status}")
+    return Outcome(bridge.exit_status, None, f"exit {bridge.exit_status}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,33 +2,60 @@
 
 Only output is recorded ("o" events, plus "r" on resize): what the technician
 typed is echoed by the device anyway, and passwords typed at prompts are not.
-Writes go through a buffered file and are flushed every second at most, so
-recording costs no system call per keystroke.
+
+Recording sits on the session's data path, so `output()` does no encoding:
+it keeps a reference to the chunk. Chunks that arrive within `COALESCE`
+seconds of the first one of a batch (up to `MAX_EVENT` bytes) become one
+event, stamped with the batch's first arrival time; at 20 ms the merge is
+invisible on playback, while bulk output costs one JSON encoding per
+~megabyte instead of one per SSH packet. Encoded events are written to the
+file in large binary writes, at the latest `FLUSH_INTERVAL` seconds after
+the output arrived.
+
+NUL bytes are left out of the recording: a terminal displays nothing for
+them, and JSON needs six bytes for each (`\\u0000`), so binary output full of
+them (a disk image, `head -c N /dev/zero`) would cost the relay far more to
+record than to forward. Output is decoded as UTF-8 with `replace` for the
+recording only; the technician gets the device's bytes unchanged.
 """
 
 from __future__ import annotations
 
+import asyncio
+import codecs
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import IO
+from typing import cast
 
 from core.keys import ensure_private_dir
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 1.0
+COALESCE = 0.02
+MAX_EVENT = 1024 * 1024
+WRITE_CHUNK = 1024 * 1024
+MAX_BUFFERS = 256  # well under IOV_MAX for one writev
 
 
 class Recording:
     """An open asciicast v2 file; every method is a no-op after close()."""
 
-    def __init__(self, path: Path, handle: IO[str]) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
-        self._handle: IO[str] | None = handle
+        self._fd: int | None = fd
         self._start = time.monotonic()
-        self._flushed = self._start
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
+        self._pending: list[bytes | str] = []  # the batch being collected, one stream
+        self._pending_len = 0
+        self._pending_at = 0.0
+        self._pending_stream = 0
+        self._out: list[bytes] = []  # encoded lines not yet written
+        self._out_len = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def create(
@@ -38,7 +65,6 @@ class Recording:
         ensure_private_dir(directory)
         path = directory / f"{session_id}.cast"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        handle = os.fdopen(fd, "w", encoding="utf-8", errors="replace")
         header = {
             "version": 2,
             "width": max(width, 1),
@@ -47,32 +73,113 @@ class Recording:
             "title": title,
             "env": {"TERM": term or "unknown"},
         }
-        handle.write(json.dumps(header) + "\n")
-        return cls(path, handle)
+        recording = cls(path, fd)
+        recording._out.append((json.dumps(header) + "\n").encode())
+        recording._out_len = len(recording._out[0])
+        recording._write()
+        return recording
 
-    def _event(self, kind: str, data: str) -> None:
-        if self._handle is None:
+    def output(self, data: bytes | str, stream: int = 0) -> None:
+        """Device output (bytes, or text already decoded); `stream` 1 is stderr."""
+        if self._fd is None or not data:
             return
         now = time.monotonic()
-        try:
-            self._handle.write(json.dumps([round(now - self._start, 6), kind, data]) + "\n")
-            if now - self._flushed >= FLUSH_INTERVAL:
-                self._handle.flush()
-                self._flushed = now
-        except OSError as exc:
-            log.warning("recording stopped path=%s error=%s", self.path, exc)
-            self.close()
-
-    def output(self, data: str) -> None:
-        self._event("o", data)
+        if self._pending and (
+            stream != self._pending_stream
+            or now - self._pending_at >= COALESCE
+            or self._pending_len >= MAX_EVENT
+            or isinstance(data, str) != isinstance(self._pending[0], str)
+        ):
+            self._emit()
+        if not self._pending:
+            self._pending_at = now
+            self._pending_stream = stream
+            self._schedule()
+        self._pending.append(data)
+        self._pending_len += len(data)
 
     def resize(self, width: int, height: int) -> None:
-        self._event("r", f"{width}x{height}")
+        if self._fd is None:
+            return
+        self._emit()
+        self._line(time.monotonic(), "r", f"{width}x{height}")
+        self._schedule()
 
     def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
+        if self._fd is None:
+            return
+        self._emit()
+        for decoder in self._decoders.values():
+            tail = decoder.decode(b"", True)
+            if tail:
+                self._line(time.monotonic(), "o", tail)
+        self._write()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
             try:
-                handle.close()
+                os.close(fd)
             except OSError as exc:
                 log.warning("recording close failed path=%s error=%s", self.path, exc)
+
+    # -- internals -----------------------------------------------------------
+
+    def _emit(self) -> None:
+        """Turn the pending batch into one event line."""
+        if not self._pending:
+            return
+        chunks, self._pending, self._pending_len = self._pending, [], 0
+        if isinstance(chunks[0], str):
+            text = "".join(cast(list[str], chunks))
+        else:
+            decoder = self._decoders.get(self._pending_stream)
+            if decoder is None:
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                self._decoders[self._pending_stream] = decoder
+            raw = cast(list[bytes], chunks)
+            data = b"".join(raw) if len(raw) > 1 else raw[0]
+            text = decoder.decode(data.translate(None, b"\0"))
+        if text:
+            self._line(self._pending_at, "o", text)
+
+    def _line(self, at: float, kind: str, data: str) -> None:
+        line = json.dumps([round(at - self._start, 6), kind, data], ensure_ascii=False)
+        encoded = line.encode("utf-8", "replace")
+        self._out += (encoded, b"\n")
+        self._out_len += len(encoded) + 1
+        if self._out_len >= WRITE_CHUNK or len(self._out) >= MAX_BUFFERS:
+            self._write()
+
+    def _write(self) -> None:
+        if self._fd is None or not self._out:
+            return
+        buffers, self._out, self._out_len = self._out, [], 0
+        try:
+            written = os.writev(self._fd, buffers)
+            rest = sum(map(len, buffers)) - written
+            if rest:  # a short write (disk full soon, or a signal): finish it plainly
+                view = memoryview(b"".join(buffers))[written:]
+                while view:
+                    view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            log.warning("recording stopped path=%s error=%s", self.path, exc)
+            fd, self._fd = self._fd, None
+            self._pending, self._pending_len = [], 0
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): close() writes everything
+        self._timer = loop.call_later(FLUSH_INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._emit()
+        self._write()
