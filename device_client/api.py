@@ -135,23 +135,37 @@ class TrackerClient:
         self._last_ms = max(time.time_ns() // 1_000_000, self._last_ms + 1)
         return self._last_ms
 
-    async def _request(self, method: str, path: str, payload: dict[str, Any] | None,
-                       *, signed: bool, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        payload: dict[str, Any] | None,
+        *,
+        signed: bool,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> dict[str, Any]:
         url = httpx.URL(self._base + path)
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         if signed:
             if self._key is None or self._device_id is None:
                 raise TrackerError("signed request without a device identity")
-            headers |= sign_request(key=self._key, device_id=self._device_id, method=method,
-                                    path=url.path, body=body,
-                                    timestamp_ms=self._next_timestamp())
+            headers |= sign_request(
+                key=self._key,
+                device_id=self._device_id,
+                method=method,
+                path=url.path,
+                body=body,
+                timestamp_ms=self._next_timestamp(),
+            )
         try:
-            response = await self._http.request(method, url, content=body, headers=headers,
-                                                timeout=timeout)
+            response = await self._http.request(
+                method, url, content=body, headers=headers, timeout=timeout
+            )
         except httpx.HTTPError as exc:
-            raise TrackerError(f"tracker {self._base} unreachable: "
-                               f"{exc.__class__.__name__}: {exc}".rstrip(": ")) from None
+            raise TrackerError(
+                f"tracker {self._base} unreachable: {exc.__class__.__name__}: {exc}".rstrip(": ")
+            ) from None
         if response.status_code >= 400:
             raise TrackerError(_error_text(response), response.status_code)
         try:
@@ -169,11 +183,11 @@ class TrackerClient:
     async def checkin(self, body: dict[str, Any]) -> CheckinReply:
         """POST /api/v1/checkin, long-polling for up to body['wait'] seconds."""
         wait = float(body.get("wait", 0.0))
-        data = await self._request("POST", "/api/v1/checkin", body, signed=True,
-                                   timeout=wait + LONG_POLL_SLACK)
+        data = await self._request(
+            "POST", "/api/v1/checkin", body, signed=True, timeout=wait + LONG_POLL_SLACK
+        )
         return parse_checkin(data)
 
     async def device_status(self) -> dict[str, Any]:
         """GET /api/v1/devices/{id}: the tracker's view of this device."""
-        return await self._request("GET", f"/api/v1/devices/{self._device_id}", None,
-                                   signed=True)
+        return await self._request("GET", f"/api/v1/devices/{self._device_id}", None, signed=True)

@@ -76,8 +76,9 @@ def _device_key(path: Path | None) -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519")
 
 
-async def _target_host_key(args: argparse.Namespace,
-                           host_key: asyncssh.SSHKey | None) -> str | None:
+async def _target_host_key(
+    args: argparse.Namespace, host_key: asyncssh.SSHKey | None
+) -> str | None:
     from device_client.target import fetch_sshd_host_key
 
     if host_key is not None:
@@ -85,13 +86,17 @@ async def _target_host_key(args: argparse.Namespace,
     return await fetch_sshd_host_key(args.target_host, args.target_port)
 
 
-async def _enroll_request(args: argparse.Namespace, key: asyncssh.SSHKey,
-                          host_key: asyncssh.SSHKey | None) -> EnrollReply:
+async def _enroll_request(
+    args: argparse.Namespace, key: asyncssh.SSHKey, host_key: asyncssh.SSHKey | None
+) -> EnrollReply:
     os_name, os_version = os_release()
     body: dict[str, Any] = {
-        "token": args.token, "hostname": args.hostname or socket.gethostname(),
-        "serial": args.serial or device_serial(), "os_name": os_name,
-        "os_version": os_version, "client_version": __version__,
+        "token": args.token,
+        "hostname": args.hostname or socket.gethostname(),
+        "serial": args.serial or device_serial(),
+        "os_name": os_name,
+        "os_version": os_version,
+        "client_version": __version__,
         "public_key": key.export_public_key().decode("ascii").strip(),
     }
     target_key = await _target_host_key(args, host_key)
@@ -113,13 +118,26 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     host_key = asyncssh.generate_private_key("ssh-ed25519") if args.target == "builtin" else None
     reply = asyncio.run(_enroll_request(args, key, host_key))
     host_key_file = base / "builtin_host_key" if host_key else None
-    config = config_from_dict(config_to_dict(ClientConfig(  # validates what the tracker sent
-        tracker_url=tracker_url, device_id=reply.device_id, key_file=key_file,
-        relay_hosts=tuple(reply.relay_hosts), relay_ports=tuple(reply.relay_ports),
-        relay_host_ca=reply.relay_host_ca, user_ca=reply.user_ca,
-        state_file=base / "state.json", login_user=reply.login_user, target=args.target,
-        target_host=args.target_host, target_port=args.target_port,
-        host_key_file=host_key_file, tunnel_mode=reply.tunnel_mode)))
+    config = config_from_dict(
+        config_to_dict(
+            ClientConfig(  # validates what the tracker sent
+                tracker_url=tracker_url,
+                device_id=reply.device_id,
+                key_file=key_file,
+                relay_hosts=tuple(reply.relay_hosts),
+                relay_ports=tuple(reply.relay_ports),
+                relay_host_ca=reply.relay_host_ca,
+                user_ca=reply.user_ca,
+                state_file=base / "state.json",
+                login_user=reply.login_user,
+                target=args.target,
+                target_host=args.target_host,
+                target_port=args.target_port,
+                host_key_file=host_key_file,
+                tunnel_mode=reply.tunnel_mode,
+            )
+        )
+    )
     _write_enrollment(config, config_path, key, host_key)
     print(f"enrolled: device {reply.device_id}, status {reply.status}")
     if reply.status == "pending":
@@ -128,8 +146,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_enrollment(config: ClientConfig, config_path: Path, key: asyncssh.SSHKey,
-                      host_key: asyncssh.SSHKey | None) -> None:
+def _write_enrollment(
+    config: ClientConfig, config_path: Path, key: asyncssh.SSHKey, host_key: asyncssh.SSHKey | None
+) -> None:
     """Write the keys then the config; undo the new key files if anything fails."""
     written: list[Path] = []
     try:
@@ -153,8 +172,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_path = _config_path(args)
     config = load_config(config_path)
     cap = backoff_cap_from_env()
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if not args.verbose:  # per-connection and per-request chatter; state changes suffice
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -181,8 +203,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"service:       {service}")
     known = state.device_status if state and state.device_status else "unknown"
     print(f"device:        {config.device_id} (status {known})")
-    print(f"last check-in: {_ago(state.last_checkin if state else None)}"
-          f"{': ' + state.checkin_result if state and state.checkin_result else ''}")
+    print(
+        f"last check-in: {_ago(state.last_checkin if state else None)}"
+        f"{': ' + state.checkin_result if state and state.checkin_result else ''}"
+    )
     tunnel_up = running and state is not None and state.tunnel_state == "up"
     if tunnel_up and state:
         print(f"tunnel:        up via {state.relay}:{state.port} since {_ago(state.since)}")
@@ -204,9 +228,13 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     """Write and enable rly-client.service (and the sshd CA drop-in)."""
     config_path = _config_path(args).absolute()
     config = load_config(config_path)
-    for line in install_service(config, config_path, unit_dir=Path(args.unit_dir),
-                                dropin_dir=Path(args.sshd_dropin_dir),
-                                enable=not args.no_enable):
+    for line in install_service(
+        config,
+        config_path,
+        unit_dir=Path(args.unit_dir),
+        dropin_dir=Path(args.sshd_dropin_dir),
+        enable=not args.no_enable,
+    ):
         print(line)
     return 0
 
@@ -214,8 +242,10 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
-        prog="rly-client", description="rly device client: reverse SSH tunnel to an rly relay.",
-        epilog=f"The config file defaults to ${CONFIG_ENV} or {default_config_path()}.")
+        prog="rly-client",
+        description="rly device client: reverse SSH tunnel to an rly relay.",
+        epilog=f"The config file defaults to ${CONFIG_ENV} or {default_config_path()}.",
+    )
     parser.add_argument("--version", action="version", version=f"rly-client {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = f"config file (default: ${CONFIG_ENV} or /etc/rly/client.toml)"
@@ -224,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--tracker", required=True, help="tracker URL, e.g. https://rly.example")
     enroll.add_argument("--token", required=True, help="enrollment token from the portal")
     enroll.add_argument("--config", help=config_help)
-    enroll.add_argument("--target", choices=TARGETS, default="sshd",
-                        help="what technicians reach: the local sshd or a builtin PTY shell")
+    enroll.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="sshd",
+        help="what technicians reach: the local sshd or a builtin PTY shell",
+    )
     enroll.add_argument("--hostname", help="hostname to report (default: this host's)")
     enroll.add_argument("--serial", help="serial to report (default: DMI serial or machine id)")
     enroll.add_argument("--target-host", default="127.0.0.1", help="sshd address")
@@ -234,24 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.set_defaults(func=cmd_enroll)
 
     run = sub.add_parser(
-        "run", help="check in and hold the tunnel (what the service runs)",
-        epilog=f"${BACKOFF_CAP_ENV} lowers the 60 s reconnect backoff cap (for tests).")
+        "run",
+        help="check in and hold the tunnel (what the service runs)",
+        epilog=f"${BACKOFF_CAP_ENV} lowers the 60 s reconnect backoff cap (for tests).",
+    )
     run.add_argument("--config", help=config_help)
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="is the client running, checked in, tunnelled?")
     status.add_argument("--config", help=config_help)
-    status.add_argument("--tracker", action="store_true",
-                        help="also ask the tracker for this device's status")
+    status.add_argument(
+        "--tracker", action="store_true", help="also ask the tracker for this device's status"
+    )
     status.set_defaults(func=cmd_status)
 
     install = sub.add_parser("install-service", help="install and enable rly-client.service")
     install.add_argument("--config", help=config_help)
     install.add_argument("--unit-dir", default="/etc/systemd/system")
     install.add_argument("--sshd-dropin-dir", default="/etc/ssh/sshd_config.d")
-    install.add_argument("--no-enable", action="store_true",
-                         help="only write files; run no systemctl command")
+    install.add_argument(
+        "--no-enable", action="store_true", help="only write files; run no systemctl command"
+    )
     install.set_defaults(func=cmd_install_service)
     return parser
 

@@ -52,8 +52,16 @@ class ClientConfig:
     keepalive_count: int = 3
 
 
-_REQUIRED = ("tracker_url", "device_id", "key_file", "relay_hosts", "relay_ports",
-             "relay_host_ca", "user_ca", "state_file")
+_REQUIRED = (
+    "tracker_url",
+    "device_id",
+    "key_file",
+    "relay_hosts",
+    "relay_ports",
+    "relay_host_ca",
+    "user_ca",
+    "state_file",
+)
 _FIELDS = {field.name for field in dataclasses.fields(ClientConfig)}
 
 
@@ -112,8 +120,10 @@ def _public_key(data: dict[str, Any], key: str) -> str:
 
 def _hosts(data: dict[str, Any]) -> tuple[str, ...]:
     value = data["relay_hosts"]
-    if not isinstance(value, list) or not value or not all(
-        isinstance(item, str) and item for item in value
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(item, str) and item for item in value)
     ):
         raise _bad("relay_hosts", "must be a non-empty list of host names")
     return tuple(value)
@@ -134,9 +144,16 @@ def config_from_dict(data: dict[str, Any]) -> ClientConfig:
     for key in _REQUIRED:
         if key not in data:
             raise _bad(key, "is missing")
-    defaults = ClientConfig(tracker_url="", device_id="", key_file=Path(),
-                            relay_hosts=(), relay_ports=(), relay_host_ca="",
-                            user_ca="", state_file=Path())
+    defaults = ClientConfig(
+        tracker_url="",
+        device_id="",
+        key_file=Path(),
+        relay_hosts=(),
+        relay_ports=(),
+        relay_host_ca="",
+        user_ca="",
+        state_file=Path(),
+    )
     merged = {**dataclasses.asdict(defaults), **data}
     host_key = merged["host_key_file"]
     if merged["target"] == "builtin" and not host_key:

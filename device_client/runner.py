@@ -66,8 +66,15 @@ def checkin_delay(reply: CheckinReply, now: float) -> float:
 class Runner:
     """Holds what the tracker asked for and drives the tunnel to match."""
 
-    def __init__(self, *, config: ClientConfig, key: asyncssh.SSHKey, tracker: TrackerClient,
-                 state: StateFile, backoff_cap: float) -> None:
+    def __init__(
+        self,
+        *,
+        config: ClientConfig,
+        key: asyncssh.SSHKey,
+        tracker: TrackerClient,
+        state: StateFile,
+        backoff_cap: float,
+    ) -> None:
         self.config = config
         self.key = key
         self.tracker = tracker
@@ -90,9 +97,12 @@ class Runner:
         self._poke.set()
 
     def _set_tunnel(self, state: str, tunnel: Tunnel | None = None) -> None:
-        self.state.update(tunnel_state=state, relay=tunnel.relay if tunnel else None,
-                          port=tunnel.port if tunnel else None,
-                          since=tunnel.since if tunnel else None)
+        self.state.update(
+            tunnel_state=state,
+            relay=tunnel.relay if tunnel else None,
+            port=tunnel.port if tunnel else None,
+            since=tunnel.since if tunnel else None,
+        )
         if state != "connecting":
             self._tunnel_changed.set()
 
@@ -117,8 +127,9 @@ class Runner:
                     self.want_up = False
                     return f"idle {idle:.0f}s"
                 poke = asyncio.ensure_future(self._poke.wait())
-                await asyncio.wait({closed, poke}, timeout=IDLE_CHECK,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {closed, poke}, timeout=IDLE_CHECK, return_when=asyncio.FIRST_COMPLETED
+                )
                 poke.cancel()
         finally:
             closed.cancel()
@@ -139,14 +150,21 @@ class Runner:
             except (OSError, asyncssh.Error) as exc:
                 delay = backoff.next_delay()
                 self._set_tunnel("down")
-                log.warning("tunnel connect failed on every relay endpoint, last error: %s; "
-                            "retry in %.1fs", exc or type(exc).__name__, delay)
+                log.warning(
+                    "tunnel connect failed on every relay endpoint, last error: %s; retry in %.1fs",
+                    exc or type(exc).__name__,
+                    delay,
+                )
                 await self._wait_poke(delay)
                 continue
             self.tunnel = tunnel
             self._set_tunnel("up", tunnel)
-            log.info("tunnel up relay=%s port=%d remote_port=%d",
-                     tunnel.relay, tunnel.port, tunnel.remote_port)
+            log.info(
+                "tunnel up relay=%s port=%d remote_port=%d",
+                tunnel.relay,
+                tunnel.port,
+                tunnel.remote_port,
+            )
             reason = await self._hold(tunnel)
             await self._close_tunnel()
             log.info("tunnel down relay=%s reason=%s", tunnel.relay, reason)
@@ -167,11 +185,20 @@ class Runner:
     def _checkin_body(self, wait: float) -> dict[str, Any]:
         os_name, os_version = os_release()
         state = self.state.state
-        return {"device_id": self.config.device_id, "client_version": __version__,
-                "os_name": os_name, "os_version": os_version, "uptime": system_uptime(),
-                "tunnel": {"state": state.tunnel_state, "relay": state.relay,
-                           "port": state.port, "since": state.since},
-                "wait": wait}
+        return {
+            "device_id": self.config.device_id,
+            "client_version": __version__,
+            "os_name": os_name,
+            "os_version": os_version,
+            "uptime": system_uptime(),
+            "tunnel": {
+                "state": state.tunnel_state,
+                "relay": state.relay,
+                "port": state.port,
+                "since": state.since,
+            },
+            "wait": wait,
+        }
 
     def _checkin_failed(self, exc: TrackerError) -> None:
         message = str(exc)
@@ -191,8 +218,7 @@ class Runner:
         if reply.status != self._device_status:
             log.info("device status %s", reply.status)
             self._device_status = reply.status
-        self.state.update(last_checkin=time.time(), checkin_result="ok",
-                          device_status=reply.status)
+        self.state.update(last_checkin=time.time(), checkin_result="ok", device_status=reply.status)
         if reply.tunnel_mode in ("persistent", "on-demand"):
             self.mode = reply.tunnel_mode
         if reply.status != "accepted":
@@ -272,15 +298,22 @@ async def run_client(config: ClientConfig, config_path: Path, backoff_cap: float
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info("rly-client %s starting device=%s mode=%s target=%s",
-             __version__, config.device_id, config.tunnel_mode, config.target)
+    log.info(
+        "rly-client %s starting device=%s mode=%s target=%s",
+        __version__,
+        config.device_id,
+        config.tunnel_mode,
+        config.target,
+    )
     async with TrackerClient(config.tracker_url, device_id=config.device_id, key=key) as tracker:
-        runner = Runner(config=config, key=key, tracker=tracker, state=state,
-                        backoff_cap=backoff_cap)
+        runner = Runner(
+            config=config, key=key, tracker=tracker, state=state, backoff_cap=backoff_cap
+        )
         try:
             await runner.run(stop)
         finally:
-            state.update(tunnel_state="down", relay=None, port=None, since=None,
-                         stopped=time.time())
+            state.update(
+                tunnel_state="down", relay=None, port=None, since=None, stopped=time.time()
+            )
     log.info("rly-client stopped")
     return 0

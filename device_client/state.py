@@ -68,8 +68,7 @@ class StateFile:
 
     def __init__(self, path: Path, config_path: Path) -> None:
         self.path = path
-        self.state = ClientState(pid=os.getpid(), started=time.time(),
-                                 config_path=str(config_path))
+        self.state = ClientState(pid=os.getpid(), started=time.time(), config_path=str(config_path))
         write_state(path, self.state)
 
     def update(self, **changes: Any) -> None:

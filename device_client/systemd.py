@@ -68,8 +68,7 @@ def client_command() -> list[str]:
 
 def render_unit(config: ClientConfig, config_path: Path, command: list[str] | None = None) -> str:
     """The unit text for this config (hardening chosen by the target)."""
-    exec_start = shlex.join([*(command or client_command()), "run", "--config",
-                             str(config_path)])
+    exec_start = shlex.join([*(command or client_command()), "run", "--config", str(config_path)])
     if config.target == "sshd":
         dirs = sorted({str(config.state_file.parent), str(config_path.parent)})
         # "-": a state directory that does not exist yet must not stop the unit
@@ -100,9 +99,12 @@ def write_sshd_trust(config: ClientConfig, dropin_dir: Path) -> tuple[Path, Path
     dropin_dir.mkdir(parents=True, exist_ok=True)
     ca_file.write_text(config.user_ca.strip() + "\n", encoding="utf-8")
     ca_file.chmod(0o644)
-    dropin.write_text("# Written by rly-client install-service: technicians arrive with\n"
-                      "# short-lived certificates signed by the rly user CA.\n"
-                      f"TrustedUserCAKeys {ca_file}\n", encoding="utf-8")
+    dropin.write_text(
+        "# Written by rly-client install-service: technicians arrive with\n"
+        "# short-lived certificates signed by the rly user CA.\n"
+        f"TrustedUserCAKeys {ca_file}\n",
+        encoding="utf-8",
+    )
     dropin.chmod(0o644)
     return ca_file, dropin
 
@@ -125,8 +127,9 @@ def _reload_sshd(dropin: Path) -> None:
     log.warning("could not reload sshd; reload it by hand")
 
 
-def install_service(config: ClientConfig, config_path: Path, *, unit_dir: Path,
-                    dropin_dir: Path, enable: bool) -> list[str]:
+def install_service(
+    config: ClientConfig, config_path: Path, *, unit_dir: Path, dropin_dir: Path, enable: bool
+) -> list[str]:
     """Write the unit (and sshd trust), enable it; return one line per step done."""
     done: list[str] = []
     unit_dir.mkdir(parents=True, exist_ok=True)

@@ -35,17 +35,54 @@ HANGUP_GRACE = 3.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # SSH pty mode opcodes (RFC 4254 §8) -> termios names; missing names are skipped.
-_CC_MODES = {1: "VINTR", 2: "VQUIT", 3: "VERASE", 4: "VKILL", 5: "VEOF", 6: "VEOL",
-             7: "VEOL2", 8: "VSTART", 9: "VSTOP", 10: "VSUSP", 12: "VREPRINT",
-             13: "VWERASE", 14: "VLNEXT", 18: "VDISCARD"}
+_CC_MODES = {
+    1: "VINTR",
+    2: "VQUIT",
+    3: "VERASE",
+    4: "VKILL",
+    5: "VEOF",
+    6: "VEOL",
+    7: "VEOL2",
+    8: "VSTART",
+    9: "VSTOP",
+    10: "VSUSP",
+    12: "VREPRINT",
+    13: "VWERASE",
+    14: "VLNEXT",
+    18: "VDISCARD",
+}
 _FLAG_MODES = {
-    0: {30: "IGNPAR", 31: "PARMRK", 32: "INPCK", 33: "ISTRIP", 34: "INLCR", 35: "IGNCR",
-        36: "ICRNL", 37: "IUCLC", 38: "IXON", 39: "IXANY", 40: "IXOFF", 41: "IMAXBEL",
-        42: "IUTF8"},
+    0: {
+        30: "IGNPAR",
+        31: "PARMRK",
+        32: "INPCK",
+        33: "ISTRIP",
+        34: "INLCR",
+        35: "IGNCR",
+        36: "ICRNL",
+        37: "IUCLC",
+        38: "IXON",
+        39: "IXANY",
+        40: "IXOFF",
+        41: "IMAXBEL",
+        42: "IUTF8",
+    },
     1: {70: "OPOST", 71: "OLCUC", 72: "ONLCR", 73: "OCRNL", 74: "ONOCR", 75: "ONLRET"},
-    3: {50: "ISIG", 51: "ICANON", 52: "XCASE", 53: "ECHO", 54: "ECHOE", 55: "ECHOK",
-        56: "ECHONL", 57: "NOFLSH", 58: "TOSTOP", 59: "IEXTEN", 60: "ECHOCTL",
-        61: "ECHOKE", 62: "PENDIN"},
+    3: {
+        50: "ISIG",
+        51: "ICANON",
+        52: "XCASE",
+        53: "ECHO",
+        54: "ECHOE",
+        55: "ECHOK",
+        56: "ECHONL",
+        57: "NOFLSH",
+        58: "TOSTOP",
+        59: "IEXTEN",
+        60: "ECHOCTL",
+        61: "ECHOKE",
+        62: "PENDIN",
+    },
 }
 
 
@@ -90,8 +127,13 @@ def _send_signal(proc: asyncio.subprocess.Process, name: str, tty: int | None) -
 
 
 def _child_env(account: pwd.struct_passwd, term_type: str | None) -> dict[str, str]:
-    env = {"HOME": account.pw_dir, "USER": account.pw_name, "LOGNAME": account.pw_name,
-           "SHELL": account.pw_shell or "/bin/sh", "PATH": DEFAULT_PATH}
+    env = {
+        "HOME": account.pw_dir,
+        "USER": account.pw_name,
+        "LOGNAME": account.pw_name,
+        "SHELL": account.pw_shell or "/bin/sh",
+        "PATH": DEFAULT_PATH,
+    }
     if term_type:
         env["TERM"] = term_type
     if lang := os.environ.get("LANG"):
@@ -103,15 +145,19 @@ def _child_ids(account: pwd.struct_passwd) -> dict[str, Any]:
     """Switch to the login user when running as root (no-op for root itself)."""
     if os.geteuid() != 0 or account.pw_uid == 0:
         return {}
-    return {"user": account.pw_uid, "group": account.pw_gid,
-            "extra_groups": os.getgrouplist(account.pw_name, account.pw_gid)}
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": os.getgrouplist(account.pw_name, account.pw_gid),
+    }
 
 
 async def _wait_fd(fd: int, *, writable: bool = False) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    add, remove = ((loop.add_writer, loop.remove_writer) if writable
-                   else (loop.add_reader, loop.remove_reader))
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    )
 
     def wake() -> None:
         if not ready.done():
@@ -128,7 +174,7 @@ async def _write_fd(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         except BlockingIOError:
             await _wait_fd(fd, writable=True)
 
@@ -149,15 +195,15 @@ async def _pty_output(fd: int, stdout: asyncssh.SSHWriter[bytes]) -> None:
         await stdout.drain()
 
 
-async def _stream_output(src: asyncio.StreamReader | None,
-                         dst: asyncssh.SSHWriter[bytes]) -> None:
+async def _stream_output(src: asyncio.StreamReader | None, dst: asyncssh.SSHWriter[bytes]) -> None:
     while src is not None and (data := await src.read(65536)):
         dst.write(data)
         await dst.drain()
 
 
-async def _input(process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process,
-                 tty: int | None) -> None:
+async def _input(
+    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process, tty: int | None
+) -> None:
     """Feed channel input to the child, turning resizes and signals into tty actions."""
     while True:
         try:
@@ -189,19 +235,28 @@ async def _quietly(coro: Awaitable[None]) -> None:
         await coro
 
 
-async def _spawn(process: asyncssh.SSHServerProcess[bytes], account: pwd.struct_passwd,
-                 slave: int | None) -> asyncio.subprocess.Process:
+async def _spawn(
+    process: asyncssh.SSHServerProcess[bytes], account: pwd.struct_passwd, slave: int | None
+) -> asyncio.subprocess.Process:
     shell = account.pw_shell or "/bin/sh"
     command = process.command
     argv = [shell, "-c", command] if command else [f"-{os.path.basename(shell)}"]
     stdio: dict[str, Any] = (
-        {"stdin": slave, "stdout": slave, "stderr": slave,
-         "preexec_fn": _take_controlling_tty} if slave is not None
-        else {"stdin": PIPE, "stdout": PIPE, "stderr": PIPE})
+        {"stdin": slave, "stdout": slave, "stderr": slave, "preexec_fn": _take_controlling_tty}
+        if slave is not None
+        else {"stdin": PIPE, "stdout": PIPE, "stderr": PIPE}
+    )
     cwd = account.pw_dir if Path(account.pw_dir).is_dir() else "/"  # noqa: ASYNC240 (one stat)
     return await asyncio.create_subprocess_exec(
-        argv[0], *argv[1:], executable=shell, env=_child_env(account, process.term_type), cwd=cwd,
-        start_new_session=True, **stdio, **_child_ids(account))
+        argv[0],
+        *argv[1:],
+        executable=shell,
+        env=_child_env(account, process.term_type),
+        cwd=cwd,
+        start_new_session=True,
+        **stdio,
+        **_child_ids(account),
+    )
 
 
 def _report_exit(process: asyncssh.SSHServerProcess[bytes], returncode: int) -> None:
@@ -213,8 +268,11 @@ def _report_exit(process: asyncssh.SSHServerProcess[bytes], returncode: int) -> 
         process.exit(returncode)
 
 
-async def _finish(proc: asyncio.subprocess.Process, outputs: list[asyncio.Task[None]],
-                  process: asyncssh.SSHServerProcess[bytes]) -> int:
+async def _finish(
+    proc: asyncio.subprocess.Process,
+    outputs: list[asyncio.Task[None]],
+    process: asyncssh.SSHServerProcess[bytes],
+) -> int:
     """Wait for the child or a hang-up; on hang-up end the child like sshd does."""
     child = asyncio.ensure_future(proc.wait())
     closed = asyncio.ensure_future(process.wait_closed())
@@ -233,8 +291,9 @@ async def _finish(proc: asyncio.subprocess.Process, outputs: list[asyncio.Task[N
     return returncode
 
 
-async def run_session(process: asyncssh.SSHServerProcess[bytes],
-                      account: pwd.struct_passwd) -> None:
+async def run_session(
+    process: asyncssh.SSHServerProcess[bytes], account: pwd.struct_passwd
+) -> None:
     """Run a login shell or command for one channel and report its exit status."""
     master = slave = None
     if process.term_type:
@@ -250,8 +309,10 @@ async def run_session(process: asyncssh.SSHServerProcess[bytes],
     if master is not None:
         outputs = [asyncio.create_task(_quietly(_pty_output(master, process.stdout)))]
     else:
-        outputs = [asyncio.create_task(_quietly(_stream_output(proc.stdout, process.stdout))),
-                   asyncio.create_task(_quietly(_stream_output(proc.stderr, process.stderr)))]
+        outputs = [
+            asyncio.create_task(_quietly(_stream_output(proc.stdout, process.stdout))),
+            asyncio.create_task(_quietly(_stream_output(proc.stderr, process.stderr))),
+        ]
     feeder = asyncio.create_task(_quietly(_input(process, proc, master)))
     try:
         returncode = await _finish(proc, outputs, process)
@@ -271,7 +332,8 @@ class _TargetServer(asyncssh.SSHServer):
     def __init__(self, login_user: str, ca_line: str, activity: Activity) -> None:
         self._login_user = login_user
         self._authorized = asyncssh.import_authorized_keys(
-            f'cert-authority,principals="{login_user}" {ca_line}\n')
+            f'cert-authority,principals="{login_user}" {ca_line}\n'
+        )
         self._activity = activity
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -292,8 +354,9 @@ class _TargetServer(asyncssh.SSHServer):
         return True
 
 
-def _session_handler(login_user: str) -> Callable[[asyncssh.SSHServerProcess[bytes]],
-                                                  Awaitable[None]]:
+def _session_handler(
+    login_user: str,
+) -> Callable[[asyncssh.SSHServerProcess[bytes]], Awaitable[None]]:
     async def handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
         try:
             account = pwd.getpwnam(login_user)
@@ -315,8 +378,9 @@ def load_host_key(path: Path) -> asyncssh.SSHKey:
     return asyncssh.read_private_key(str(path))
 
 
-async def serve_builtin(conn: asyncssh.SSHClientConnection, config: ClientConfig,
-                        activity: Activity) -> asyncssh.SSHAcceptor:
+async def serve_builtin(
+    conn: asyncssh.SSHClientConnection, config: ClientConfig, activity: Activity
+) -> asyncssh.SSHAcceptor:
     """Ask the relay for the remote forward and serve SSH on the channels it opens."""
     if config.host_key_file is None:
         raise OSError("config key 'host_key_file' is missing (needed by target 'builtin')")
@@ -336,7 +400,9 @@ async def serve_builtin(conn: asyncssh.SSHClientConnection, config: ClientConfig
         "config": None,
     }
     return await asyncssh.listen(
-        "", 0, tunnel=conn,
+        "",
+        0,
+        tunnel=conn,
         server_factory=lambda: _TargetServer(config.login_user, config.user_ca, activity),
         **options,
     )
@@ -346,8 +412,10 @@ async def fetch_sshd_host_key(host: str, port: int, timeout: float = 5.0) -> str
     """The local sshd's host key line (sent at enrollment), or None if unreachable."""
     for algs in (["ssh-ed25519"], ()):  # prefer ed25519, else whatever sshd offers
         try:
-            key = await asyncio.wait_for(asyncssh.get_server_host_key(
-                host, port, server_host_key_algs=algs, config=None), timeout)
+            key = await asyncio.wait_for(
+                asyncssh.get_server_host_key(host, port, server_host_key_algs=algs, config=None),
+                timeout,
+            )
         except (OSError, asyncssh.Error):
             continue
         if key is not None:

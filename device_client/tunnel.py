@@ -28,10 +28,19 @@ STABLE_AFTER = 30.0  # a tunnel that stayed up this long resets the backoff
 CONNECT_TIMEOUT = 15.0
 # Modern algorithms only; asyncssh otherwise also offers SHA-1 based ones.
 KEX_ALGS = ["curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256"]
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                   "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr"]
-MAC_ALGS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com",
-            "hmac-sha2-256", "hmac-sha2-512"]
+ENCRYPTION_ALGS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+]
+MAC_ALGS = [
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+]
 
 
 def backoff_cap_from_env() -> float:
@@ -150,12 +159,14 @@ def endpoints(config: ClientConfig) -> list[tuple[str, int]]:
     return [(host, port) for host in config.relay_hosts for port in config.relay_ports]
 
 
-async def connect_relay(config: ClientConfig, key: asyncssh.SSHKey,
-                        host: str, port: int) -> asyncssh.SSHClientConnection:
+async def connect_relay(
+    config: ClientConfig, key: asyncssh.SSHKey, host: str, port: int
+) -> asyncssh.SSHClientConnection:
     """Open the SSH connection to one relay endpoint, trusting only the pinned CA."""
     ca = asyncssh.import_public_key(config.relay_host_ca)
     return await asyncssh.connect(
-        host, port,
+        host,
+        port,
         username=config.device_id,
         client_keys=[key],
         known_hosts=([], [ca], []),
@@ -175,8 +186,9 @@ async def connect_relay(config: ClientConfig, key: asyncssh.SSHKey,
     )
 
 
-async def forward_to_target(conn: asyncssh.SSHClientConnection, config: ClientConfig,
-                            activity: Activity) -> int:
+async def forward_to_target(
+    conn: asyncssh.SSHClientConnection, config: ClientConfig, activity: Activity
+) -> int:
     """Ask the relay for the remote forward to a TCP target; return the port it gave."""
     host, port = config.target_host, config.target_port
 
@@ -240,6 +252,13 @@ async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
             conn.close()
             error = OSError(f"relay {host}:{port} refused the tunnel: {exc}")
             continue
-        return Tunnel(conn=conn, relay=host, port=port, remote_port=remote_port,
-                      since=time.time(), activity=activity, server=server)
+        return Tunnel(
+            conn=conn,
+            relay=host,
+            port=port,
+            remote_port=remote_port,
+            since=time.time(),
+            activity=activity,
+            server=server,
+        )
     raise error

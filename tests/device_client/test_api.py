@@ -14,13 +14,17 @@ from core.signing import verify_request
 from device_client.api import TrackerClient, TrackerError
 
 KEY = asyncssh.generate_private_key("ssh-ed25519")
-CHECKIN_REPLY = {"status": "accepted", "action": "none", "tunnel_mode": "persistent",
-                 "next_checkin": 0, "server_time": 1.0}
+CHECKIN_REPLY = {
+    "status": "accepted",
+    "action": "none",
+    "tunnel_mode": "persistent",
+    "next_checkin": 0,
+    "server_time": 1.0,
+}
 
 
 def _client(handler: Any, base: str = "http://tracker.test") -> TrackerClient:
-    return TrackerClient(base, device_id="dev-1", key=KEY,
-                         transport=httpx.MockTransport(handler))
+    return TrackerClient(base, device_id="dev-1", key=KEY, transport=httpx.MockTransport(handler))
 
 
 def test_checkins_are_signed_with_increasing_timestamps() -> None:
@@ -42,9 +46,15 @@ def test_checkins_are_signed_with_increasing_timestamps() -> None:
     for request in seen:
         assert request.url.path == "/rly/api/v1/checkin"
         stamp = int(request.headers["x-rly-timestamp"])
-        last = verify_request(public_key=KEY, headers=dict(request.headers), method="POST",
-                              path=request.url.path, body=request.content, now_ms=stamp,
-                              last_ms=last)
+        last = verify_request(
+            public_key=KEY,
+            headers=dict(request.headers),
+            method="POST",
+            path=request.url.path,
+            body=request.content,
+            now_ms=stamp,
+            last_ms=last,
+        )
     assert json.loads(seen[0].content)["device_id"] == "dev-1"
 
 
@@ -67,12 +77,15 @@ def test_enroll_is_not_signed() -> None:
     assert "x-rly-signature" not in seen[0].headers
 
 
-@pytest.mark.parametrize(("response", "message"), [
-    (httpx.Response(200, json={**CHECKIN_REPLY, "action": 5}), "'action'"),
-    (httpx.Response(200, json=[1]), "not a JSON object"),
-    (httpx.Response(200, text="<html>"), "not JSON"),
-    (httpx.Response(502, text="bad gateway"), "HTTP 502"),
-])
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (httpx.Response(200, json={**CHECKIN_REPLY, "action": 5}), "'action'"),
+        (httpx.Response(200, json=[1]), "not a JSON object"),
+        (httpx.Response(200, text="<html>"), "not JSON"),
+        (httpx.Response(502, text="bad gateway"), "HTTP 502"),
+    ],
+)
 def test_bad_replies_are_one_line_errors(response: httpx.Response, message: str) -> None:
     """Malformed or failed replies raise TrackerError with a one-line reason."""
 

@@ -23,9 +23,17 @@ from device_client.target import fetch_sshd_host_key
 from tests.device_client.test_config import make_config
 
 CA = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
-ENROLL_REPLY = {"device_id": "dev-7", "status": "pending", "relay_hosts": ["relay.example"],
-                "relay_ports": [80, 2200], "relay_host_ca": CA, "user_ca": CA,
-                "login_user": "root", "tunnel_mode": "persistent", "checkin_interval": 25.0}
+ENROLL_REPLY = {
+    "device_id": "dev-7",
+    "status": "pending",
+    "relay_hosts": ["relay.example"],
+    "relay_ports": [80, 2200],
+    "relay_host_ca": CA,
+    "user_ca": CA,
+    "login_user": "root",
+    "tunnel_mode": "persistent",
+    "checkin_interval": 25.0,
+}
 
 
 @dataclass
@@ -68,12 +76,25 @@ def tracker() -> Iterator[FakeTracker]:
 
 
 def _enroll(tracker: FakeTracker, config: Path, *extra: str) -> int:
-    return main(["enroll", "--tracker", tracker.url, "--token", "tok-secret",
-                 "--config", str(config), "--target-port", "9", *extra])
+    return main(
+        [
+            "enroll",
+            "--tracker",
+            tracker.url,
+            "--token",
+            "tok-secret",
+            "--config",
+            str(config),
+            "--target-port",
+            "9",
+            *extra,
+        ]
+    )
 
 
-def test_enroll_writes_private_config_and_key(tracker: FakeTracker, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_enroll_writes_private_config_and_key(
+    tracker: FakeTracker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A successful enroll sends the device facts and writes key and config 0600."""
     config_path = tmp_path / "etc" / "client.toml"
     assert _enroll(tracker, config_path, "--hostname", "nas-1", "--serial", "S1") == 0
@@ -83,8 +104,10 @@ def test_enroll_writes_private_config_and_key(tracker: FakeTracker, tmp_path: Pa
     config = load_config(config_path)
     assert config.device_id == "dev-7"
     assert config.relay_ports == (80, 2200)
-    assert body["public_key"] == asyncssh.read_private_key(
-        str(config.key_file)).export_public_key().decode().strip()
+    assert (
+        body["public_key"]
+        == asyncssh.read_private_key(str(config.key_file)).export_public_key().decode().strip()
+    )
     assert "target_host_key" not in body  # nothing listens on --target-port 9
     for private in (config_path, config.key_file):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
@@ -105,14 +128,22 @@ def test_enroll_builtin_sends_its_host_key(tracker: FakeTracker, tmp_path: Path)
     assert stat.S_IMODE(config.host_key_file.stat().st_mode) == 0o600
 
 
-@pytest.mark.parametrize(("status", "reply", "message"), [
-    (403, {"error": "token expired"}, "token expired"),
-    (200, {"device_id": "x"}, "malformed reply"),
-    (200, {**ENROLL_REPLY, "user_ca": "garbage"}, "'user_ca'"),
-])
-def test_enroll_failure_writes_nothing(tracker: FakeTracker, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str], status: int,
-                                       reply: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "reply", "message"),
+    [
+        (403, {"error": "token expired"}, "token expired"),
+        (200, {"device_id": "x"}, "malformed reply"),
+        (200, {**ENROLL_REPLY, "user_ca": "garbage"}, "'user_ca'"),
+    ],
+)
+def test_enroll_failure_writes_nothing(
+    tracker: FakeTracker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    status: int,
+    reply: dict[str, Any],
+    message: str,
+) -> None:
     """A refused or malformed enroll exits 2 with one stderr line and writes no file."""
     tracker.status, tracker.reply = status, reply
     assert _enroll(tracker, tmp_path / "etc" / "client.toml") == 2
@@ -125,19 +156,35 @@ def test_enroll_failure_writes_nothing(tracker: FakeTracker, tmp_path: Path,
 
 def test_enroll_unreachable_tracker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An unreachable tracker is a one-line error, exit 2, nothing written."""
-    code = main(["enroll", "--tracker", "http://127.0.0.1:9", "--token", "t",
-                 "--config", str(tmp_path / "c.toml"), "--target-port", "9"])
+    code = main(
+        [
+            "enroll",
+            "--tracker",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--config",
+            str(tmp_path / "c.toml"),
+            "--target-port",
+            "9",
+        ]
+    )
     assert code == 2
     assert "unreachable" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["enroll", "--token", "t"], ["enroll", "--tracker", "http://x"],
-    ["enroll", "--tracker", "http://x", "--token", "t", "--target", "telnet"],
-    ["enroll", "--tracker", "http://x", "--token", "t", "--target-port", "ssh"],
-    ["frobnicate"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["enroll", "--token", "t"],
+        ["enroll", "--tracker", "http://x"],
+        ["enroll", "--tracker", "http://x", "--token", "t", "--target", "telnet"],
+        ["enroll", "--tracker", "http://x", "--token", "t", "--target-port", "ssh"],
+        ["frobnicate"],
+    ],
+)
 def test_argument_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Missing or invalid arguments are usage errors with exit status 2."""
     with pytest.raises(SystemExit) as exc:
@@ -148,18 +195,28 @@ def test_argument_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize("args", [["--tracker", "ftp://x"], ["--target-port", "0"]])
 def test_bad_values_exit_2_before_contacting_anyone(
-        args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A non-HTTP tracker URL or impossible port fails before any request or file."""
-    argv = ["enroll", "--tracker", "http://127.0.0.1:9", "--token", "t",
-            "--config", str(tmp_path / "c.toml"), *args]
+    argv = [
+        "enroll",
+        "--tracker",
+        "http://127.0.0.1:9",
+        "--token",
+        "t",
+        "--config",
+        str(tmp_path / "c.toml"),
+        *args,
+    ]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("rly-client: ")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["run", "status", "install-service"])
-def test_commands_without_config_exit_2(command: str, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_commands_without_config_exit_2(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """run, status and install-service name the missing config file and exit 2."""
     assert main([command, "--config", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err
@@ -167,8 +224,9 @@ def test_commands_without_config_exit_2(command: str, tmp_path: Path,
     assert "not found" in err
 
 
-def test_config_env_variable_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_env_variable_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Without --config the path comes from RLY_CLIENT_CONFIG."""
     monkeypatch.setenv("RLY_CLIENT_CONFIG", str(tmp_path / "from-env.toml"))
     assert main(["status"]) == 2
@@ -190,12 +248,21 @@ def _status(tmp_path: Path, state: ClientState | None) -> int:
     return main(["status", "--config", str(tmp_path / "client.toml")])
 
 
-def test_status_running_with_tunnel_up_exits_0(tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_running_with_tunnel_up_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A live pid with the tunnel up is status 0 and shows relay, port and check-in."""
-    state = ClientState(pid=os.getpid(), started=0.0, config_path="x", last_checkin=1.0,
-                        checkin_result="ok", tunnel_state="up", relay="relay.example",
-                        port=2200, since=2.0)
+    state = ClientState(
+        pid=os.getpid(),
+        started=0.0,
+        config_path="x",
+        last_checkin=1.0,
+        checkin_result="ok",
+        tunnel_state="up",
+        relay="relay.example",
+        port=2200,
+        since=2.0,
+    )
     assert _status(tmp_path, state) == 0
     out = capsys.readouterr().out
     assert "relay.example:2200" in out
@@ -203,15 +270,16 @@ def test_status_running_with_tunnel_up_exits_0(tmp_path: Path,
     assert str(tmp_path / "client.toml") in out
 
 
-@pytest.mark.parametrize("state", [
-    None,
-    ClientState(pid=os.getpid(), started=0.0, config_path="x", tunnel_state="connecting"),
-    ClientState(pid=2**22 + 1, started=0.0, config_path="x", tunnel_state="up"),
-    ClientState(pid=os.getpid(), started=0.0, config_path="x", tunnel_state="up",
-                stopped=5.0),
-])
-def test_status_not_running_or_no_tunnel_exits_3(tmp_path: Path,
-                                                 state: ClientState | None) -> None:
+@pytest.mark.parametrize(
+    "state",
+    [
+        None,
+        ClientState(pid=os.getpid(), started=0.0, config_path="x", tunnel_state="connecting"),
+        ClientState(pid=2**22 + 1, started=0.0, config_path="x", tunnel_state="up"),
+        ClientState(pid=os.getpid(), started=0.0, config_path="x", tunnel_state="up", stopped=5.0),
+    ],
+)
+def test_status_not_running_or_no_tunnel_exits_3(tmp_path: Path, state: ClientState | None) -> None:
     """No state, no tunnel, a dead pid or a clean stop all give status 3."""
     assert _status(tmp_path, state) == 3
 

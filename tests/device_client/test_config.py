@@ -26,10 +26,15 @@ CA = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().s
 def make_config(tmp_path: Path, **changes: object) -> ClientConfig:
     """A valid config rooted in tmp_path."""
     values: dict[str, object] = {
-        "tracker_url": "https://rly.example", "device_id": "dev-1",
-        "key_file": tmp_path / "device_key", "relay_hosts": ("relay.example",),
-        "relay_ports": (80, 2200), "relay_host_ca": CA, "user_ca": CA,
-        "state_file": tmp_path / "state.json"}
+        "tracker_url": "https://rly.example",
+        "device_id": "dev-1",
+        "key_file": tmp_path / "device_key",
+        "relay_hosts": ("relay.example",),
+        "relay_ports": (80, 2200),
+        "relay_host_ca": CA,
+        "user_ca": CA,
+        "state_file": tmp_path / "state.json",
+    }
     values.update(changes)
     return ClientConfig(**values)  # type: ignore[arg-type]
 
@@ -40,8 +45,13 @@ def _mode(path: Path) -> int:
 
 def test_save_then_load_round_trips(tmp_path: Path) -> None:
     """A saved config loads back equal, optional keys included."""
-    config = make_config(tmp_path, target="builtin", host_key_file=tmp_path / "hk",
-                         tunnel_mode="on-demand", idle_timeout=90.0)
+    config = make_config(
+        tmp_path,
+        target="builtin",
+        host_key_file=tmp_path / "hk",
+        tunnel_mode="on-demand",
+        idle_timeout=90.0,
+    )
     save_config(config, tmp_path / "client.toml")
     assert load_config(tmp_path / "client.toml") == config
 
@@ -76,11 +86,21 @@ def test_missing_key_is_named(tmp_path: Path, key: str) -> None:
         load_config(_write(tmp_path, data))
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("relay_ports", [80, 70000]), ("relay_ports", []), ("relay_hosts", "relay.example"),
-    ("target", "telnet"), ("tunnel_mode", "sometimes"), ("idle_timeout", -1),
-    ("relay_host_ca", "not a key"), ("target_port", "22"), ("keepalive_count", True),
-    ("login_user", 'root" command="sh')])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("relay_ports", [80, 70000]),
+        ("relay_ports", []),
+        ("relay_hosts", "relay.example"),
+        ("target", "telnet"),
+        ("tunnel_mode", "sometimes"),
+        ("idle_timeout", -1),
+        ("relay_host_ca", "not a key"),
+        ("target_port", "22"),
+        ("keepalive_count", True),
+        ("login_user", 'root" command="sh'),
+    ],
+)
 def test_bad_value_is_named(tmp_path: Path, key: str, value: object) -> None:
     """A wrongly typed or out-of-range value fails with an error naming the key."""
     data = config_to_dict(make_config(tmp_path))

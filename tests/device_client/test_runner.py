@@ -18,34 +18,50 @@ from device_client.state import StateFile, read_state
 from tests.device_client.test_tunnel import Keys, device_config, relay, until
 
 
-def _reply(action: str = "none", status: str = "accepted",
-           mode: str = "persistent") -> CheckinReply:
-    return CheckinReply(status=status, action=action, tunnel_mode=mode, next_checkin=0,
-                        server_time=0)
+def _reply(
+    action: str = "none", status: str = "accepted", mode: str = "persistent"
+) -> CheckinReply:
+    return CheckinReply(
+        status=status, action=action, tunnel_mode=mode, next_checkin=0, server_time=0
+    )
 
 
-def _runner(tmp_path: Path, mode: str, handler: Callable[[httpx.Request], object] | None = None,
-            relay_port: int = 9, keys: Keys | None = None) -> Runner:
+def _runner(
+    tmp_path: Path,
+    mode: str,
+    handler: Callable[[httpx.Request], object] | None = None,
+    relay_port: int = 9,
+    keys: Keys | None = None,
+) -> Runner:
     keys = keys or Keys.make()
-    config = replace(device_config(tmp_path, keys, relay_port), tunnel_mode=mode,
-                     idle_timeout=0.5)
+    config = replace(device_config(tmp_path, keys, relay_port), tunnel_mode=mode, idle_timeout=0.5)
     transport = httpx.MockTransport(handler or (lambda _r: httpx.Response(500)))  # type: ignore[arg-type]
-    tracker = TrackerClient("http://tracker.test", device_id="dev-1", key=keys.device,
-                            transport=transport)
-    return Runner(config=config, key=keys.device, tracker=tracker,
-                  state=StateFile(config.state_file, tmp_path / "c.toml"), backoff_cap=0.2)
+    tracker = TrackerClient(
+        "http://tracker.test", device_id="dev-1", key=keys.device, transport=transport
+    )
+    return Runner(
+        config=config,
+        key=keys.device,
+        tracker=tracker,
+        state=StateFile(config.state_file, tmp_path / "c.toml"),
+        backoff_cap=0.2,
+    )
 
 
-@pytest.mark.parametrize(("mode", "reply", "want"), [
-    ("persistent", _reply(), True),
-    ("persistent", _reply(status="pending"), False),
-    ("on-demand", _reply(mode="on-demand"), False),
-    ("on-demand", _reply("open", mode="on-demand"), True),
-    ("on-demand", _reply("open", status="pending", mode="on-demand"), False),
-    ("persistent", _reply(mode="on-demand"), False),  # the tracker's mode wins
-])
-def test_reply_decides_whether_a_tunnel_is_wanted(tmp_path: Path, mode: str,
-                                                  reply: CheckinReply, want: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "reply", "want"),
+    [
+        ("persistent", _reply(), True),
+        ("persistent", _reply(status="pending"), False),
+        ("on-demand", _reply(mode="on-demand"), False),
+        ("on-demand", _reply("open", mode="on-demand"), True),
+        ("on-demand", _reply("open", status="pending", mode="on-demand"), False),
+        ("persistent", _reply(mode="on-demand"), False),  # the tracker's mode wins
+    ],
+)
+def test_reply_decides_whether_a_tunnel_is_wanted(
+    tmp_path: Path, mode: str, reply: CheckinReply, want: bool
+) -> None:
     """Only accepted devices want a tunnel: always when persistent, on "open" when on-demand."""
     runner = _runner(tmp_path, mode)
     runner.want_up = False
@@ -55,7 +71,7 @@ def test_reply_decides_whether_a_tunnel_is_wanted(tmp_path: Path, mode: str,
 
 @pytest.mark.parametrize(("mode", "want"), [("persistent", True), ("on-demand", False)])
 def test_close_drops_the_tunnel(tmp_path: Path, mode: str, want: bool) -> None:
-    """"close" drops the tunnel; a persistent device then reconnects, on-demand stays down."""
+    """ "close" drops the tunnel; a persistent device then reconnects, on-demand stays down."""
     runner = _runner(tmp_path, mode)
     runner.want_up = True
     runner._apply(_reply("close", mode=mode))
@@ -79,9 +95,16 @@ def test_on_demand_opens_on_request_and_closes_when_idle(tmp_path: Path) -> None
         if len(calls) > 1:
             await asyncio.sleep(0.3)
         action = "open" if len(calls) == 1 else "none"
-        return httpx.Response(200, json={"status": "accepted", "action": action,
-                                         "tunnel_mode": "on-demand", "next_checkin": 0,
-                                         "server_time": 0})
+        return httpx.Response(
+            200,
+            json={
+                "status": "accepted",
+                "action": action,
+                "tunnel_mode": "on-demand",
+                "next_checkin": 0,
+                "server_time": 0,
+            },
+        )
 
     async def scenario() -> None:
         keys = Keys.make()
@@ -124,8 +147,10 @@ def test_sigterm_exits_0_and_tunnel_survives_tracker_outage(tmp_path: Path) -> N
             config = device_config(tmp_path, keys, port)
             config.key_file.write_bytes(keys.device.export_private_key())
             task = asyncio.create_task(run_client(config, tmp_path / "c.toml", 0.2))
-            await until(lambda: getattr(read_state(config.state_file), "tunnel_state",
-                                        None) == "up", timeout=8)
+            await until(
+                lambda: getattr(read_state(config.state_file), "tunnel_state", None) == "up",
+                timeout=8,
+            )
             os.kill(os.getpid(), signal.SIGTERM)
             return await task
 

@@ -22,15 +22,28 @@ BODY = b'{"device_id":"dev-1"}'
 
 
 def _signed(**overrides: object) -> dict[str, str]:
-    args: dict[str, object] = {"key": KEY, "device_id": "dev-1", "method": "POST",
-                               "path": PATH, "body": BODY, "timestamp_ms": NOW}
+    args: dict[str, object] = {
+        "key": KEY,
+        "device_id": "dev-1",
+        "method": "POST",
+        "path": PATH,
+        "body": BODY,
+        "timestamp_ms": NOW,
+    }
     args.update(overrides)
     return sign_request(**args)  # type: ignore[arg-type]
 
 
 def _verify(headers: dict[str, str], **overrides: object) -> int:
-    args: dict[str, object] = {"public_key": KEY, "headers": headers, "method": "POST",
-                               "path": PATH, "body": BODY, "now_ms": NOW, "last_ms": None}
+    args: dict[str, object] = {
+        "public_key": KEY,
+        "headers": headers,
+        "method": "POST",
+        "path": PATH,
+        "body": BODY,
+        "now_ms": NOW,
+        "last_ms": None,
+    }
     args.update(overrides)
     return verify_request(**args)  # type: ignore[arg-type]
 
@@ -38,8 +51,10 @@ def _verify(headers: dict[str, str], **overrides: object) -> int:
 def test_canonical_bytes_match_the_documented_format() -> None:
     """The signed bytes are exactly the format in docs/architecture.md."""
     data = canonical_request(device_id="d", method="post", path="/p", timestamp_ms=5, body=b"")
-    assert data == (b"rly-request-v1\nd\nPOST\n/p\n5\n"
-                    b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+    assert data == (
+        b"rly-request-v1\nd\nPOST\n/p\n5\n"
+        b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
 
 
 def test_round_trip_returns_the_timestamp() -> None:
@@ -89,8 +104,7 @@ def test_timestamp_at_window_edge_is_accepted() -> None:
 def test_tampering_breaks_the_signature(field: str) -> None:
     """Changing the method, path, body or device id invalidates the signature."""
     headers = _signed()
-    overrides: dict[str, object] = {"method": "GET", "path": "/api/v1/enroll",
-                                    "body": BODY + b" "}
+    overrides: dict[str, object] = {"method": "GET", "path": "/api/v1/enroll", "body": BODY + b" "}
     if field == "device":
         headers[HEADER_DEVICE] = "dev-2"
         overrides = {}

@@ -51,8 +51,15 @@ def test_builtin_unit_does_not_confine_the_root_shell(tmp_path: Path) -> None:
     """For the builtin target no setting that would confine a root login shell is present."""
     unit = _directives(render_unit(_builtin(tmp_path), tmp_path / "c.toml", COMMAND))
     assert unit["Restart"] == "always"
-    for confining in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
-                      "CapabilityBoundingSet", "PrivateDevices", "RestrictNamespaces"):
+    for confining in (
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "CapabilityBoundingSet",
+        "PrivateDevices",
+        "RestrictNamespaces",
+    ):
         assert confining not in unit
 
 
@@ -63,10 +70,14 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path: Path, builtin: boo
     config = _builtin(tmp_path) if builtin else make_config(tmp_path)
     unit = tmp_path / "rly-client.service"
     unit.write_text(render_unit(config, tmp_path / "c.toml", COMMAND))
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                            text=True, check=False)
-    complaints = [line for line in (result.stdout + result.stderr).splitlines()
-                  if "rly-client.service" in line]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    complaints = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if "rly-client.service" in line
+    ]
     assert result.returncode == 0
     assert complaints == []
 
@@ -75,8 +86,18 @@ def _install(tmp_path: Path, config: ClientConfig) -> tuple[int, Path, Path]:
     config_path = tmp_path / "client.toml"
     save_config(config, config_path)
     units, dropins = tmp_path / "units", tmp_path / "ssh" / "sshd_config.d"
-    code = main(["install-service", "--config", str(config_path), "--unit-dir", str(units),
-                 "--sshd-dropin-dir", str(dropins), "--no-enable"])
+    code = main(
+        [
+            "install-service",
+            "--config",
+            str(config_path),
+            "--unit-dir",
+            str(units),
+            "--sshd-dropin-dir",
+            str(dropins),
+            "--no-enable",
+        ]
+    )
     return code, units, dropins
 
 
@@ -102,12 +123,21 @@ def test_install_service_builtin_leaves_sshd_alone(tmp_path: Path) -> None:
 
 
 def test_install_service_unwritable_dir_is_one_line_error(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A unit directory that cannot be created fails with exit 2 and one stderr line."""
     config_path = tmp_path / "client.toml"
     save_config(make_config(tmp_path), config_path)
     (tmp_path / "file").write_text("")
-    code = main(["install-service", "--config", str(config_path), "--unit-dir",
-                 str(tmp_path / "file" / "units"), "--no-enable"])
+    code = main(
+        [
+            "install-service",
+            "--config",
+            str(config_path),
+            "--unit-dir",
+            str(tmp_path / "file" / "units"),
+            "--no-enable",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1

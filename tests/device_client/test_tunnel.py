@@ -42,18 +42,22 @@ class Keys:
     @classmethod
     def make(cls) -> Keys:
         gen = asyncssh.generate_private_key
-        return cls(gen("ssh-ed25519"), gen("ssh-ed25519"), gen("ssh-ed25519"),
-                   gen("ssh-ed25519"))
+        return cls(gen("ssh-ed25519"), gen("ssh-ed25519"), gen("ssh-ed25519"), gen("ssh-ed25519"))
 
 
 @contextlib.asynccontextmanager
 async def relay(keys: Keys, *, signer: asyncssh.SSHKey | None = None) -> AsyncIterator[int]:
     """Start a fake relay on port 0 presenting a host cert; yield its port."""
     cert = (signer or keys.host_ca).generate_host_certificate(
-        keys.relay_host, "relay", principals=["127.0.0.1"])
+        keys.relay_host, "relay", principals=["127.0.0.1"]
+    )
     acceptor = await asyncssh.listen(
-        "127.0.0.1", 0, server_factory=_Relay, server_host_keys=[(keys.relay_host, cert)],
-        authorized_client_keys=asyncssh.import_authorized_keys(_line(keys.device) + "\n"))
+        "127.0.0.1",
+        0,
+        server_factory=_Relay,
+        server_host_keys=[(keys.relay_host, cert)],
+        authorized_client_keys=asyncssh.import_authorized_keys(_line(keys.device) + "\n"),
+    )
     try:
         yield acceptor.get_port()
     finally:
@@ -66,21 +70,37 @@ def device_config(tmp_path: Path, keys: Keys, relay_port: int, **changes: object
     host_key = tmp_path / "builtin_host_key"
     host_key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
     config = ClientConfig(
-        tracker_url="http://127.0.0.1:9", device_id="dev-1", key_file=tmp_path / "key",
-        relay_hosts=("127.0.0.1",), relay_ports=(9, relay_port),
-        relay_host_ca=_line(keys.host_ca), user_ca=_line(keys.user_ca),
-        state_file=tmp_path / "state.json", login_user=LOGIN_USER, host_key_file=host_key)
+        tracker_url="http://127.0.0.1:9",
+        device_id="dev-1",
+        key_file=tmp_path / "key",
+        relay_hosts=("127.0.0.1",),
+        relay_ports=(9, relay_port),
+        relay_host_ca=_line(keys.host_ca),
+        user_ca=_line(keys.user_ca),
+        state_file=tmp_path / "state.json",
+        login_user=LOGIN_USER,
+        host_key_file=host_key,
+    )
     return replace(config, **changes)  # type: ignore[arg-type]
 
 
-async def technician(keys: Keys, port: int, *, principal: str = LOGIN_USER,
-                     user: str = LOGIN_USER) -> asyncssh.SSHClientConnection:
+async def technician(
+    keys: Keys, port: int, *, principal: str = LOGIN_USER, user: str = LOGIN_USER
+) -> asyncssh.SSHClientConnection:
     """Log in to the builtin target through the relay's forward with a user cert."""
     key = asyncssh.generate_private_key("ssh-ed25519")
-    cert = keys.user_ca.generate_user_certificate(key, "rly:test:alice", principals=[principal],
-                                                  valid_before="+5m")
-    return await asyncssh.connect("127.0.0.1", port, username=user, known_hosts=None,
-                                  client_keys=[(key, cert)], config=None, agent_path=None)
+    cert = keys.user_ca.generate_user_certificate(
+        key, "rly:test:alice", principals=[principal], valid_before="+5m"
+    )
+    return await asyncssh.connect(
+        "127.0.0.1",
+        port,
+        username=user,
+        known_hosts=None,
+        client_keys=[(key, cert)],
+        config=None,
+        agent_path=None,
+    )
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -137,8 +157,9 @@ def test_relay_not_signed_by_pinned_ca_is_refused(tmp_path: Path) -> None:
 async def builtin_tunnel(tmp_path: Path, keys: Keys) -> AsyncIterator[Tunnel]:
     """A tunnel to the fake relay serving the builtin target."""
     async with relay(keys) as port:
-        tunnel = await open_tunnel(device_config(tmp_path, keys, port, target="builtin"),
-                                   keys.device)
+        tunnel = await open_tunnel(
+            device_config(tmp_path, keys, port, target="builtin"), keys.device
+        )
         try:
             yield tunnel
         finally:
@@ -152,8 +173,9 @@ def test_builtin_pty_shell_reports_size_output_and_exit_status(tmp_path: Path) -
         keys = Keys.make()
         async with builtin_tunnel(tmp_path, keys) as tunnel:
             conn = await technician(keys, tunnel.remote_port)
-            result = await conn.run("stty size; tty; exit 3", term_type="xterm",
-                                    term_size=(100, 40), encoding=None)
+            result = await conn.run(
+                "stty size; tty; exit 3", term_type="xterm", term_size=(100, 40), encoding=None
+            )
             out = result.stdout.decode() if isinstance(result.stdout, bytes) else ""
             assert "40 100" in out
             assert "/dev/pts/" in out
@@ -172,7 +194,9 @@ def test_builtin_forwards_window_changes(tmp_path: Path) -> None:
             conn = await technician(keys, tunnel.remote_port)
             proc = await conn.create_process(
                 "trap 'stty size; exit 0' WINCH; echo ready; while :; do sleep 0.05; done",
-                term_type="xterm", term_size=(80, 24))
+                term_type="xterm",
+                term_size=(80, 24),
+            )
             assert "ready" in await proc.stdout.readline()
             proc.change_terminal_size(120, 50)
             assert "50 120" in await asyncio.wait_for(proc.stdout.readline(), 5)
@@ -233,10 +257,10 @@ def test_builtin_serves_sftp(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("principal", "user"), [("someone-else", LOGIN_USER),
-                                                 (LOGIN_USER, "nobody")])
-def test_builtin_refuses_wrong_principal_or_user(tmp_path: Path, principal: str,
-                                                 user: str) -> None:
+@pytest.mark.parametrize(
+    ("principal", "user"), [("someone-else", LOGIN_USER), (LOGIN_USER, "nobody")]
+)
+def test_builtin_refuses_wrong_principal_or_user(tmp_path: Path, principal: str, user: str) -> None:
     """Only a certificate with the login principal, used for the login user, gets in."""
 
     async def scenario() -> None:
