@@ -70,6 +70,24 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
+def check_migrated(engine: Engine) -> None:
+    """Refuse to serve a database whose schema is behind this version's migrations."""
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the schema version: {_first_line(exc)}") from None
+    if current != head:
+        raise DatabaseError(
+            f"database schema is at {current or 'nothing'}, this rly needs {head}: "
+            "run 'rly db upgrade' first"
+        )
+
+
 def upgrade(url: str) -> None:
     """Apply every migration (idempotent)."""
     from alembic import command

@@ -61,6 +61,8 @@ def prepare(settings: Settings) -> Prepared:
     db.check_connection(engine)
     if url.startswith("sqlite"):
         db.upgrade(url)
+    else:  # a shared database is migrated once, by `rly db upgrade`, not by every node
+        db.check_migrated(engine)
     return Prepared(settings, keys, engine, db.make_sessions(engine), node_name, public_host)
 
 

@@ -183,3 +183,26 @@ def test_metrics_are_prometheus_text(rly_factory: RlyFactory) -> None:
     assert "# TYPE rly_checkins_total counter" in body
     assert "rly_tunnels_open 0" in body
     assert "rly_database_up 1" in body
+
+
+def test_unmigrated_postgres_is_refused_then_served_after_upgrade(
+    tmp_path: Path, pg_url: str, rly_factory: RlyFactory
+) -> None:
+    """On PostgreSQL, serve refuses an unmigrated schema in one line; after `db upgrade` it serves."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(pg_url)
+    with engine.begin() as conn:  # the shared pg_url database may hold other tests' schema
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    env = {**ENV_PORTS, "RLY_DATABASE_URL": pg_url}
+    refused = run_rly("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    assert refused.returncode == 2
+    assert "run 'rly db upgrade' first" in refused.stderr
+    assert refused.stderr.strip().count("\n") == 0
+    upgraded = run_rly("db", "upgrade", "--data-dir", str(tmp_path / "d"), env=env)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "up to date" in upgraded.stdout
+    server = rly_factory(database_url=pg_url).start()
+    assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
