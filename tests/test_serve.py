@@ -188,7 +188,7 @@ def test_metrics_are_prometheus_text(rly_factory: RlyFactory) -> None:
 def test_unmigrated_postgres_is_refused_then_served_after_upgrade(
     tmp_path: Path, pg_url: str, rly_factory: RlyFactory
 ) -> None:
-    """On PostgreSQL, serve refuses an unmigrated schema in one line; after `db upgrade` it serves."""
+    """PostgreSQL: serve refuses an unmigrated schema in one line; after `db upgrade` it serves."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(pg_url)
