@@ -4,7 +4,11 @@
 
 Each device connects as rly-client does (same algorithms, keepalive default,
 pinned host CA, `Backoff` with full jitter from device_client.tunnel), asks
-for one remote forward, and on loss reconnects. Each device dials from its
+for one remote forward, and on loss reconnects the way rly-client's runner
+does: after a failed attempt it waits `next_delay()`; after an established
+tunnel drops it waits `after_drop()` (uniform over the cap, so a relay
+restart does not bring the whole fleet back as one herd); the backoff starts
+again from the base only after a tunnel stayed up `STABLE_AFTER`. Each device dials from its
 own loopback address (127.x.y.z) so the relay's per-source limit on
 unauthenticated connections sees what a fleet behind many NATs would show.
 Counts go to a JSON status file twice a second for the parent to poll.
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import asyncssh
 
-from device_client.tunnel import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS, Backoff
+from device_client.tunnel import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS, STABLE_AFTER, Backoff
 
 
 @dataclass
@@ -39,10 +43,11 @@ class Counts:
 async def device(
     device_id: str, key: asyncssh.SSHKey, source: str, args: argparse.Namespace, counts: Counts
 ) -> None:
-    """Hold one tunnel forever, reconnecting with backoff like rly-client."""
+    """Hold one tunnel forever, reconnecting with backoff like rly-client's runner."""
     backoff = Backoff()
     while True:
         counts.attempts += 1
+        up_since: float | None = None
         try:
             conn = await asyncssh.connect(
                 "127.0.0.1",
@@ -68,7 +73,7 @@ async def device(
                 await conn.forward_remote_port("", 0, "127.0.0.1", 9)
                 counts.up += 1
                 counts.connects += 1
-                backoff.reset()
+                up_since = time.monotonic()
                 try:
                     await conn.wait_closed()
                 finally:
@@ -78,7 +83,12 @@ async def device(
         except (OSError, asyncssh.Error) as exc:
             name = type(exc).__name__
             counts.errors[name] = counts.errors.get(name, 0) + 1
-        await asyncio.sleep(backoff.next_delay())
+        if up_since is None:
+            await asyncio.sleep(backoff.next_delay())
+            continue
+        if time.monotonic() - up_since >= STABLE_AFTER:
+            backoff.reset()
+        await asyncio.sleep(backoff.after_drop())
 
 
 def _replace(path: Path, data: str) -> None:

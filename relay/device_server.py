@@ -106,11 +106,18 @@ class DeviceServer(asyncssh.SSHServer):
         self._refused = 0
         self._reason: str | None = None
         self._lost = False
+        self._audits: list[Callable[[Session], None]] | None = None  # queued while one is written
 
     # -- connection and authentication ----------------------------------------------
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        # asyncssh rebuilds the connection's options at the first userauth request
+        # to apply `Match` blocks of an sshd-style config file. The relay passes
+        # no config file, so that only makes a per-connection copy of the
+        # listener's options (host key pairs included): a few KiB per idle
+        # tunnel for identical values. Keep the listener's shared options.
+        conn.reload_config = _keep_listener_options  # type: ignore[method-assign]
         peer = conn.get_extra_info("peername") or ("", 0)
         self._peer_ip, self._peer_port = str(peer[0]), int(peer[1])
         if not self._limiter.admit(self._peer_ip):
@@ -363,16 +370,29 @@ class DeviceServer(asyncssh.SSHServer):
                 source_ip=self._peer_ip,
             )
 
-        self._spawn(self._write(write), f"audit-{action}")
+        # One writer per connection, in order: concurrent writes on the database
+        # thread pool could commit (and number) a connection's events out of order.
+        if self._audits is not None:
+            self._audits.append(write)
+            return
+        self._audits = [write]
+        self._spawn(self._write_audits(), f"audit-{action}")
 
-    async def _write(self, fn: Callable[[Session], None]) -> None:
-        try:
-            await self._ctx.db(fn)
-        except SQLAlchemyError as exc:
-            log.warning("device audit write failed: %s", type(exc).__name__)
+    async def _write_audits(self) -> None:
+        while self._audits:
+            fn = self._audits.pop(0)
+            try:
+                await self._ctx.db(fn)
+            except SQLAlchemyError as exc:
+                log.warning("device audit write failed: %s", type(exc).__name__)
+        self._audits = None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._ctx.tunnels.spawn(coro, name)
+
+
+async def _keep_listener_options() -> None:
+    return None
 
 
 def describe(exc: Exception | None) -> str:

@@ -3,10 +3,16 @@
 - Keepalives: asyncssh drops a silent peer after interval x (count_max + 1)
   (the timer restarts on every received packet and the peer is dropped on the
   timer tick after count_max unanswered probes). `keepalive_options` maps the
-  configured interval x count onto that so a blackholed tunnel goes within
-  interval x count, without probing more often than configured. Any packet
-  from the device (its own keepalives included) restarts the timer, so a
-  device that probes itself costs the relay no extra sends.
+  configured interval x count onto that as (interval x count / 2, 1): a
+  blackholed tunnel still goes within interval x count, but the relay's own
+  probe waits for half that much silence. Any packet from the device restarts
+  the timer, so a device that sends its own keepalives at the configured
+  interval (rly-client does, 30 s by default) keeps the relay from ever
+  probing: the relay only answers, which halves its keepalive work per tunnel
+  (no probe, no task, no reply to parse). The device's probes carry the
+  detection, as SPEC allows. A device that stays silent (OpenSSH without
+  ServerAliveInterval) is probed every interval x count / 2, i.e. no more
+  often than configured when count >= 2.
 - Watcher: each connection subscribes a callback to the hub topic `device:<id>`
   (no task while idle) and re-reads the device only when woken (revoke,
   allowlist change, repair/close).
@@ -38,13 +44,15 @@ SWEEP_CHUNK = 500  # ids per UPDATE ... WHERE id IN (...): well under SQLite's v
 
 
 def keepalive_options(s: RelaySettings) -> tuple[float, int]:
-    """(interval, count_max) for conn.set_keepalive so a dead peer goes within interval x count."""
+    """(interval, count_max) for conn.set_keepalive so a dead peer goes within interval x count.
+
+    One probe after interval x count / 2 of silence, dropped after as much
+    again: the latest detection allowed, the fewest probes of our own.
+    """
     interval, count = s.keepalive_interval, max(1, s.keepalive_count)
     if interval <= 0:
         return 0.0, 1
-    if count == 1:
-        return interval / 2, 1
-    return interval, count - 1
+    return interval * count / 2, 1
 
 
 def sweep_interval(s: RelaySettings) -> float:

@@ -9,6 +9,7 @@ from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
 from tracker.auth import Verifier
+from tracker.checkin_route import CheckinRoute
 from tracker.errors import install_error_handlers
 from tracker.limits import MAX_BODY, BodyLimit
 from tracker.routes import router
@@ -28,6 +29,7 @@ def create_app(
         verifier=Verifier(skew_seconds=settings.tracker.clock_skew),
     )
     install_error_handlers(app)
+    app.add_middleware(CheckinRoute, tracker=app.state.tracker)  # the hot path, answered first
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     app.include_router(router)
     return app

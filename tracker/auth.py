@@ -46,6 +46,26 @@ class Verifier:
         self._keys[device_id] = (text, key)
         return key
 
+    def knows(self, device_id: str) -> bool:
+        """A key is cached for this device (it checked in successfully before)."""
+        return device_id in self._keys
+
+    def verify_known(self, *, device_id: str, request: SignedRequest) -> tuple[str, int] | None:
+        """(key text, stamp) if the request verifies with this device's cached key, else None.
+
+        Replay is not checked here: the caller's write requires a newer stamp
+        and that the key text is still the stored one. None means "take the
+        full path", which answers any refusal precisely.
+        """
+        cached = self._keys.get(device_id)
+        if cached is None:
+            return None
+        try:
+            stamp = self._check(cached[1], None, time.time_ns() // 1_000_000, request)
+        except SignatureError:
+            return None
+        return cached[0], stamp
+
     def verify(
         self, *, device_id: str, key_text: str | None, last_ms: int | None, request: SignedRequest
     ) -> int:

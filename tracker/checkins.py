@@ -3,6 +3,13 @@
 Every function runs in the caller's transaction. A refusal raises ApiError
 before anything is written; recording a request is a conditional UPDATE, so
 two processes cannot both accept the same timestamp.
+
+`record_known` is the one-statement fast path for a device whose key the
+verifier already holds: the signature is checked against that key first, and
+one `UPDATE ... RETURNING` both records the check-in and reads what the answer
+needs, guarded so it matches only if the stored key is still that key, the
+stamp is fresh and the device is not revoked. No row means "take the full
+path" (SELECT, verify, precise error), and nothing was written.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.models import Device, utcnow
@@ -40,6 +47,26 @@ _RECORD_CHECKIN = (
         os_version=bindparam("p_os_version"),
         uptime=bindparam("p_uptime"),
     )
+)
+_STATE = (_c.status, _c.tunnel_mode, _c.tunnel_request, _c.tunnel_request_at)
+_RECORD_KNOWN = (
+    update(devices)
+    .where(
+        _c.id == bindparam("p_id"),
+        _FRESH,
+        _c.public_key == bindparam("p_key"),
+        _c.status != "revoked",
+    )
+    .values(
+        last_request_ms=bindparam("p_stamp"),
+        last_checkin_at=bindparam("p_at"),
+        last_checkin_ip=bindparam("p_ip"),
+        client_version=bindparam("p_client_version"),
+        os_name=bindparam("p_os_name"),
+        os_version=bindparam("p_os_version"),
+        uptime=bindparam("p_uptime"),
+    )
+    .returning(*_STATE)
 )
 _RECORD_REQUEST = (
     update(devices)
@@ -83,20 +110,39 @@ def record_checkin(
 ) -> None:
     """Store the check-in; 401 if a request with this or a later stamp got in first."""
     done = session.connection().execute(
-        _RECORD_CHECKIN,
-        {
-            "p_id": device_id,
-            "p_stamp": stamp,
-            "p_at": utcnow(),
-            "p_ip": ip[:64],
-            "p_client_version": report.client_version,
-            "p_os_name": report.os_name,
-            "p_os_version": report.os_version,
-            "p_uptime": report.uptime,
-        },
+        _RECORD_CHECKIN, _checkin_params(device_id, stamp, report, ip)
     )
     if done.rowcount != 1:
         raise ApiError(401, "replayed request")
+
+
+def _checkin_params(
+    device_id: str, stamp: int, report: CheckinRequest, ip: str
+) -> dict[str, object]:
+    return {
+        "p_id": device_id,
+        "p_stamp": stamp,
+        "p_at": utcnow(),
+        "p_ip": ip[:64],
+        "p_client_version": report.client_version,
+        "p_os_name": report.os_name,
+        "p_os_version": report.os_version,
+        "p_uptime": report.uptime,
+    }
+
+
+def record_known(
+    conn: Connection, *, device_id: str, key_text: str, stamp: int, report: CheckinRequest, ip: str
+) -> DeviceState | None:
+    """Record a check-in verified against `key_text`; None (nothing written) if that no longer fits.
+
+    One round trip: the row is matched only while `key_text` is the stored
+    key, `stamp` is newer than the last one and the device is not revoked.
+    """
+    params = _checkin_params(device_id, stamp, report, ip)
+    params["p_key"] = key_text
+    row = conn.execute(_RECORD_KNOWN, params).one_or_none()
+    return None if row is None else DeviceState(*row)
 
 
 def record_request(session: Session, *, device_id: str, stamp: int) -> None:
@@ -112,8 +158,12 @@ def read_state(session: Session, *, device_id: str) -> DeviceState | None:
 
 def take_action(session: Session, *, device_id: str, state: DeviceState) -> Action:
     """The action due now; a delivered request is cleared unless it changed meanwhile."""
+    return take_action_on(session.connection(), device_id=device_id, state=state)
+
+
+def take_action_on(conn: Connection, *, device_id: str, state: DeviceState) -> Action:
     if state.status != "accepted" or state.request not in ACTIONS:
         return "none"
     params = {"p_id": device_id, "p_request": state.request, "p_at": state.request_at}
-    session.connection().execute(_CLEAR_NULL if state.request_at is None else _CLEAR_AT, params)
+    conn.execute(_CLEAR_NULL if state.request_at is None else _CLEAR_AT, params)
     return cast(Action, state.request)

@@ -80,6 +80,10 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    return database_unavailable(exc)
+
+
+def database_unavailable(exc: Exception) -> JSONResponse:
     """Fail closed with a clear 503 (never a 500 or a traceback) while the database is away."""
     log.warning("tracker: database unavailable: %s", type(exc).__name__)
     return error_response(503, "database unavailable; try again shortly")

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tracker.errors import error_response
 
 MAX_BODY = 64 * 1024
+SCOPE_KEY = "rly.body_limit"  # the cap already enforced further out, if any
 
 
 class BodyLimit:
@@ -20,8 +21,8 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get(SCOPE_KEY, self.max_bytes + 1) <= self.max_bytes:
+            await self.app(scope, receive, send)  # not HTTP, or already capped as tightly
             return
         declared = _content_length(scope)
         if declared == -1:
@@ -34,6 +35,7 @@ class BodyLimit:
         if body is None:
             await self._too_large(scope, receive, send)
             return
+        scope[SCOPE_KEY] = self.max_bytes
         await self.app(scope, _replay(body, receive), send)
 
     async def _read(self, receive: Receive) -> bytes | None:

@@ -294,12 +294,16 @@ def test_liveness_sweep_stamps_last_keepalive(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("interval", "count", "expected"),
-    [(30.0, 3, (30.0, 2)), (10.0, 1, (5.0, 1)), (0.0, 3, (0.0, 1))],
+    [(30.0, 3, (45.0, 1)), (10.0, 1, (5.0, 1)), (1.0, 2, (1.0, 1)), (0.0, 3, (0.0, 1))],
 )
 def test_keepalive_options_meet_interval_times_count(
     interval: float, count: int, expected: tuple[float, int]
 ) -> None:
-    """asyncssh drops after interval x (count_max + 1), so the options give interval x count."""
+    """asyncssh drops after interval x (count_max + 1), so the options give interval x count.
+
+    The relay's own probe waits longer than the device's keepalive interval
+    (30 s x 3 -> 45 s), so a device that probes itself is never probed.
+    """
     s = dataclasses.replace(RelaySettings(), keepalive_interval=interval, keepalive_count=count)
     assert keepalive_options(s) == expected
     got_interval, got_count = keepalive_options(s)
