@@ -57,6 +57,9 @@ def backoff_cap_from_env() -> float:
     return min(value, BACKOFF_CAP)
 
 
+AFTER_DROP_SPREAD = 40.0  # seconds over which devices return after their relay restarts
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter: sleep uniform(0, min(cap, base*2^n))."""
@@ -82,10 +85,11 @@ class Backoff:
         Every device of a relay loses its tunnel at the same moment when that relay
         restarts; spreading their return over the cap keeps them from arriving as a
         herd (about 1/cap of them per second). A repair or open request from the
-        tracker still cuts the wait short.
+        tracker still cuts the wait short. The spread is at most AFTER_DROP_SPREAD so
+        10,000 devices arrive at ~250/s, under what one relay process can log in.
         """
         self.attempt += 1
-        return self.rng.uniform(0, self.cap)
+        return self.rng.uniform(0, min(self.cap, AFTER_DROP_SPREAD))
 
     def reset(self) -> None:
         """Start again from the base (after a tunnel proved stable)."""

@@ -68,7 +68,7 @@ def test_env_cap_must_be_positive(monkeypatch: pytest.MonkeyPatch, value: str) -
 
 
 def test_first_retry_after_a_drop_spreads_over_the_whole_cap() -> None:
-    """After an established tunnel drops, retries spread uniformly over the cap (no herd)."""
+    """After an established tunnel drops, the first retry spreads over the cap (at most 40 s)."""
     delays = [Backoff(cap=20.0, rng=random.Random(seed)).after_drop() for seed in range(2000)]
     assert max(delays) <= 20.0
     per_second = [sum(1 for d in delays if s <= d < s + 1) for s in range(20)]
