@@ -26,7 +26,8 @@ from pathlib import Path
 
 import asyncssh
 
-from device_client.tunnel import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS, STABLE_AFTER, Backoff
+from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
+from device_client.tunnel import STABLE_AFTER, Backoff
 
 
 @dataclass

@@ -24,8 +24,9 @@ from typing import Any
 
 import asyncssh
 
+from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
-from device_client.tunnel import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS, Activity
+from device_client.tunnel import Activity
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import asyncssh
 
+from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,6 @@ BACKOFF_CAP = 60.0
 BACKOFF_CAP_ENV = "RLY_CLIENT_BACKOFF_CAP"
 STABLE_AFTER = 30.0  # a tunnel that stayed up this long resets the backoff
 CONNECT_TIMEOUT = 15.0
-# Modern algorithms only; asyncssh otherwise also offers SHA-1 based ones.
-KEX_ALGS = ["curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256"]
-ENCRYPTION_ALGS = [
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-    "aes256-ctr",
-]
-MAC_ALGS = [
-    "hmac-sha2-256-etm@openssh.com",
-    "hmac-sha2-512-etm@openssh.com",
-    "hmac-sha2-256",
-    "hmac-sha2-512",
-]
 
 
 def backoff_cap_from_env() -> float:

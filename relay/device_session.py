@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncssh
@@ -148,6 +148,23 @@ class DeviceSession:
             log.warning("recording unavailable session=%s error=%s", session_id, exc)
             return None
 
+    async def _first_end(
+        self, ended: Awaitable[object], session_id: str, technician_left: Awaitable[None]
+    ) -> str:
+        """Wait for the device side to end, a close request, or the technician to leave."""
+        tasks = {
+            "exit": asyncio.ensure_future(ended),
+            "closed by request": asyncio.ensure_future(self._watch(session_id)),
+            "technician left": asyncio.ensure_future(technician_left),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return next(name for name, task in tasks.items() if task in done)
+
     async def _bridge(
         self,
         conn: asyncssh.SSHClientConnection,
@@ -164,20 +181,9 @@ class DeviceSession:
         )
         try:
             await bridge.start(conn, remote_command or None)
-            tasks = {
-                "exit": asyncio.create_task(bridge.wait()),
-                "closed by request": asyncio.create_task(self._watch(session_id)),
-                "technician left": asyncio.create_task(tech.channel.wait_closed()),
-            }
-            try:
-                done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks.values():
-                    task.cancel()
-                await asyncio.gather(*tasks.values(), return_exceptions=True)
+            reason = await self._first_end(bridge.wait(), session_id, tech.channel.wait_closed())
         finally:
             bridge.detach()
-        reason = next(name for name, task in tasks.items() if task in done)
         return _outcome(reason, bridge)
 
     async def _watch(self, session_id: str) -> None:

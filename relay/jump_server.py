@@ -89,18 +89,7 @@ class JumpDeviceSession(DeviceSession):
             on_output=recording.output if recording else None,
             on_resize=recording.resize if recording else None,
         )
-        tasks = {
-            "exit": asyncio.create_task(pump.run()),
-            "closed by request": asyncio.create_task(self._watch(session_id)),
-            "technician left": asyncio.create_task(tech.channel.wait_closed()),
-        }
-        try:
-            done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-        reason = next(name for name, task in tasks.items() if task in done)
+        reason = await self._first_end(pump.run(), session_id, tech.channel.wait_closed())
         if reason == "exit":
             await upstream.wait_closed()
         return _outcome(reason, upstream)
