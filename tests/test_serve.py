@@ -206,3 +206,17 @@ def test_unmigrated_postgres_is_refused_then_served_after_upgrade(
     assert "up to date" in upgraded.stdout
     server = rly_factory(database_url=pg_url).start()
     assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
+
+
+def test_unreadable_key_file_is_refused_by_name(rly_factory: RlyFactory) -> None:
+    """A key file that is not a readable private key stops start-up, naming it, left as it was."""
+    server = rly_factory().start()
+    server.stop()
+    key = server.data_dir / "keys" / "host_ca"
+    key.write_bytes(b"not a key\n")
+    result = run_rly("serve", "--config", str(server.config_path))
+    assert result.returncode == 2
+    assert str(key) in result.stderr
+    assert "cannot be read" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert key.read_bytes() == b"not a key\n"
