@@ -50,19 +50,6 @@ REFUSAL_MESSAGES = {
 }
 
 
-class DenyAllServer(asyncssh.SSHServer):
-    """Refuses every login (a placeholder for listeners that are not built yet)."""
-
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def public_key_auth_supported(self) -> bool:
-        return True
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return False
-
-
 class DeviceListener(asyncssh.SSHListener):
     """The device's one remote forward, held without a socket."""
 
