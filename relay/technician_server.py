@@ -182,7 +182,9 @@ class TechnicianServer(asyncssh.SSHServer):
 
     # -- deny by default --------------------------------------------------------
 
-    def session_requested(self) -> asyncssh.SSHServerSession[str] | bool:
+    def session_requested(
+        self,
+    ) -> tuple[asyncssh.SSHServerChannel[str], asyncssh.SSHServerSession[str]] | bool:
         """A menu session, up to the per-connection channel cap (a flood is refused)."""
         if not self._take_channel("session"):
             return False
@@ -193,7 +195,19 @@ class TechnicianServer(asyncssh.SSHServer):
             finally:
                 self.open_sessions -= 1
 
-        return asyncssh.SSHServerProcess(run, None, 3, False)
+        assert self.conn is not None
+        channel: Any = self.conn.create_server_channel()
+        # asyncssh refuses agent and X11 itself (both off in the listen options) but offers
+        # no hook to see it; answering these two channel requests here makes them audited.
+        channel._process_x11_req_request = lambda _packet: self._refuse_channel_request("x11")
+        channel._process_auth_agent_req_at_openssh_dot_com_request = (
+            lambda _packet: self._refuse_channel_request("agent forwarding")
+        )
+        return channel, asyncssh.SSHServerProcess(run, None, 3, False)
+
+    def _refuse_channel_request(self, what: str) -> bool:
+        self._refused(what)
+        return False
 
     def _take_channel(self, kind: str) -> bool:
         cap = self.ctx.settings.relay.max_channels_per_connection

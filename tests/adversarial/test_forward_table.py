@@ -3,9 +3,9 @@
 Technician port (ssh partner@relay): -L, -D, -R, -A, -X and -W, each tried while
 the approval URL is shown and again after approval. Each must fail as OpenSSH
 sees it (a printed failure or a forward that carries nothing), leave an audit
-row `technician.refused_request` where the relay has a hook (-L, -D, -R, -W;
-agent and X11 are refused inside asyncssh, with agent_forwarding/x11_forwarding
-off), and nothing may reach a device before approval.
+row `technician.refused_request` (-L, -D, -R, -W, and agent and X11, which the
+relay's session channel answers itself), and nothing may reach a device before
+approval.
 
 Device port (ssh DEVICE@relay with the device key): exec, -W, a forward as
 another device, and a forward naming another device.
@@ -208,13 +208,20 @@ CASES: dict[str, Case] = {
         lambda e: "tcpip-forward",
     ),
     "-A": Case(
-        lambda e, p: ["-A", "-o", f"ForwardAgent={e.agent_sock}"],
+        # the Technician helper drops $SSH_AUTH_SOCK, so name the agent with IdentityAgent
+        lambda e, p: ["-A", "-o", f"IdentityAgent={e.agent_sock}"],
         _nothing,
         _on_device_shows("SSH_AUTH_SOCK"),
-        None,
+        lambda e: "agent forwarding",
+        audits=1,  # asked once, on the session channel
     ),
     "-X": Case(
-        lambda e, p: ["-X"], _x_before, _on_device_shows("DISPLAY"), None, env={"DISPLAY": ":99"}
+        lambda e, p: ["-X"],
+        _x_before,
+        _on_device_shows("DISPLAY"),
+        lambda e: "x11",
+        audits=1,
+        env={"DISPLAY": ":99"},
     ),
 }
 
