@@ -200,8 +200,8 @@ class TechnicianServer(asyncssh.SSHServer):
         # asyncssh refuses agent and X11 itself (both off in the listen options) but offers
         # no hook to see it; answering these two channel requests here makes them audited.
         channel._process_x11_req_request = lambda _packet: self._refuse_channel_request("x11")
-        channel._process_auth_agent_req_at_openssh_dot_com_request = (
-            lambda _packet: self._refuse_channel_request("agent forwarding")
+        channel._process_auth_agent_req_at_openssh_dot_com_request = lambda _packet: (
+            self._refuse_channel_request("agent forwarding")
         )
         return channel, asyncssh.SSHServerProcess(run, None, 3, False)
 
