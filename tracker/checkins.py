@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, or_, select, update
+from sqlalchemy import BindParameter, Connection, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.models import Device, utcnow
@@ -35,19 +35,17 @@ _READ = select(
     _c.status, _c.tunnel_mode, _c.tunnel_request, _c.tunnel_request_at, _c.public_key,
     _c.last_request_ms,
 ).where(_c.id == bindparam("p_id"))  # fmt: skip
-_RECORD_CHECKIN = (
-    update(devices)
-    .where(_c.id == bindparam("p_id"), _FRESH)
-    .values(
-        last_request_ms=bindparam("p_stamp"),
-        last_checkin_at=bindparam("p_at"),
-        last_checkin_ip=bindparam("p_ip"),
-        client_version=bindparam("p_client_version"),
-        os_name=bindparam("p_os_name"),
-        os_version=bindparam("p_os_version"),
-        uptime=bindparam("p_uptime"),
-    )
-)
+# what every check-in records, shared by the full path and the cached-key fast path
+_CHECKIN_VALUES: dict[str, BindParameter[Any]] = {
+    "last_request_ms": bindparam("p_stamp"),
+    "last_checkin_at": bindparam("p_at"),
+    "last_checkin_ip": bindparam("p_ip"),
+    "client_version": bindparam("p_client_version"),
+    "os_name": bindparam("p_os_name"),
+    "os_version": bindparam("p_os_version"),
+    "uptime": bindparam("p_uptime"),
+}
+_RECORD_CHECKIN = update(devices).where(_c.id == bindparam("p_id"), _FRESH).values(_CHECKIN_VALUES)
 _STATE = (_c.status, _c.tunnel_mode, _c.tunnel_request, _c.tunnel_request_at)
 _RECORD_KNOWN = (
     update(devices)
@@ -57,15 +55,7 @@ _RECORD_KNOWN = (
         _c.public_key == bindparam("p_key"),
         _c.status != "revoked",
     )
-    .values(
-        last_request_ms=bindparam("p_stamp"),
-        last_checkin_at=bindparam("p_at"),
-        last_checkin_ip=bindparam("p_ip"),
-        client_version=bindparam("p_client_version"),
-        os_name=bindparam("p_os_name"),
-        os_version=bindparam("p_os_version"),
-        uptime=bindparam("p_uptime"),
-    )
+    .values(_CHECKIN_VALUES)
     .returning(*_STATE)
 )
 _RECORD_REQUEST = (
