@@ -14,6 +14,10 @@ from core import audit
 from core.models import AllowlistEntry, Device, EnrollToken, Tunnel, utcnow
 from core.validate import InvalidInput
 
+ENROLL_TOKEN_PREFIX = "rlyet_"  # noqa: S105 (a public prefix, not a secret)
+"""Tokens start with a fixed prefix: never with "-" (argparse would read one as an option,
+as token_urlsafe can produce), and secret scanners can recognise a leaked one."""
+
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -27,7 +31,7 @@ def create_enroll_token(
         raise InvalidInput("--uses must be at least 1")
     if ttl <= 0:
         raise InvalidInput("--ttl must be positive")
-    token = secrets.token_urlsafe(24)
+    token = ENROLL_TOKEN_PREFIX + secrets.token_urlsafe(24)
     session.add(
         EnrollToken(
             account_id=account_id,

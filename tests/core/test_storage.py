@@ -165,6 +165,22 @@ def test_enroll_token_is_stored_hashed(sessions: sessionmaker[Session]) -> None:
     assert row.uses_left == 2
 
 
+def test_enroll_tokens_never_look_like_a_command_line_option(
+    sessions: sessionmaker[Session],
+) -> None:
+    """A token starting with "-" broke `rly-client enroll --token T`; all carry a fixed prefix."""
+    with sessions() as s, s.begin():
+        account = accounts.add_account(s, name="acme", actor="test")
+        tokens = [
+            devices.create_enroll_token(
+                s, account_id=account.id, auto_accept=False, uses=1, ttl=60, actor="test"
+            )
+            for _ in range(50)
+        ]
+    assert all(t.startswith(devices.ENROLL_TOKEN_PREFIX) for t in tokens)
+    assert len(set(tokens)) == 50
+
+
 def test_concurrent_approvals_have_one_winner(sessions: sessionmaker[Session]) -> None:
     """Two portal users approving one token at once: exactly one decision is stored."""
     with sessions() as s, s.begin():

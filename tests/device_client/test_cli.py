@@ -154,15 +154,19 @@ def test_enroll_failure_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_enroll_unreachable_tracker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An unreachable tracker is a one-line error, exit 2, nothing written."""
+@pytest.mark.parametrize("token_args", [["--token", "t"], ["--token=-older-token"]])
+def test_enroll_unreachable_tracker(
+    token_args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unreachable tracker is a one-line error, exit 2, nothing written.
+
+    `--token=-…` passes a token that starts with a dash (tokens made before the prefix)."""
     code = main(
         [
             "enroll",
             "--tracker",
             "http://127.0.0.1:9",
-            "--token",
-            "t",
+            *token_args,
             "--config",
             str(tmp_path / "c.toml"),
             "--target-port",
