@@ -171,8 +171,8 @@ async def repair(
 
     ok = bool(await ctx.hub.wait_until(f"tunnel:{device.id}", check, timeout))
     result = "Repaired: a new tunnel is up." if ok else "Repair failed: no new tunnel came up."
+    await record(ctx, who, "device.repair", device.id, result, ip)  # audited before it is told
     say(result)
-    await record(ctx, who, "device.repair", device.id, result, ip)
     return ok
 
 
