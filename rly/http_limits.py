@@ -1,12 +1,17 @@
-"""Read deadlines and a body cap for the embedded HTTP server (slowloris and big bodies).
+"""Read deadlines, a header size cap and a body cap for the embedded HTTP server.
 
 uvicorn has no request-header deadline: a client that opens a connection and
 sends nothing, or trickles one header byte every few seconds, holds a slot
-for ever. `DeadlineH11Protocol` arms a timer when a request starts (the
+for ever. `DeadlineHttpToolsProtocol` arms a timer when a request starts (the
 connection is made, or the first byte of a keep-alive request arrives) and
 closes the transport unless the request line and headers are complete within
 `HEADER_TIMEOUT`; the body then has `BODY_TIMEOUT` to arrive. Idle keep-alive
 connections stay uvicorn's business (`timeout_keep_alive`).
+
+The parser is httptools (llhttp, in C): the tracker's check-ins spent a third
+of their CPU in h11. llhttp keeps no limit on header size, so the protocol
+feeds it at most `MAX_HEADER_BYTES` before the headers are complete and
+refuses the request (400, as uvicorn answers any bad request) beyond that.
 
 `limit_body` caps every request body at 64 KiB for the whole HTTP app (portal
 forms included), reusing the tracker's middleware so the answer is the same
@@ -16,68 +21,85 @@ one-line JSON 413 everywhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Literal
 
-import h11
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tracker.limits import MAX_BODY, BodyLimit
 
 log = logging.getLogger(__name__)
 HEADER_TIMEOUT = 10.0  # request line + headers, from the first byte (or the connection)
 BODY_TIMEOUT = 30.0  # the rest of the request body, once the headers are in
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers
 Phase = Literal["headers", "body"]
 
 
-class DeadlineH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on reading each request."""
+class DeadlineHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on reading each request and a header cap."""
 
     header_timeout = HEADER_TIMEOUT
     body_timeout = BODY_TIMEOUT
+    max_header_bytes = MAX_HEADER_BYTES
     _deadline: asyncio.TimerHandle | None = None
     _phase: Phase | None = None
+    _header_bytes = 0
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
         self._arm("headers")
-
-    def data_received(self, data: bytes) -> None:
-        if data and self._phase is None and self.conn.their_state is h11.IDLE:
-            self._arm("headers")  # a keep-alive connection starts its next request
-        super().data_received(data)
-        self._follow()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _follow(self) -> None:
-        """Re-arm or drop the timer to match what h11 is waiting for now."""
-        state = self.conn.their_state
-        if self.transport.is_closing():
-            self._disarm()
-        elif state is h11.SEND_BODY:
-            if self._phase != "body":
-                self._arm("body")
-        elif state is h11.IDLE:
-            if self._phase is None and self.conn.trailing_data[0]:
-                self._arm("headers")  # a pipelined request is half in
-            elif self._phase == "body":
+    def data_received(self, data: bytes) -> None:
+        if data and self._phase is None and self._idle():
+            self._arm("headers")  # a keep-alive connection starts its next request
+        while data and self._phase == "headers":
+            room = self.max_header_bytes - self._header_bytes
+            if room <= 0:
+                self._refuse_headers()
+                return
+            chunk, data = data[:room], data[room:]
+            self._header_bytes += len(chunk)
+            super().data_received(chunk)
+            if self.transport.is_closing():
                 self._disarm()
-        else:  # DONE, MUST_CLOSE, ERROR, CLOSED, SWITCHED_PROTOCOL: nothing left to read
-            self._disarm()
+                return
+        if data:
+            super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase is None:
+            self._arm("headers")  # pipelined behind a response still being sent
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm("body")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def _idle(self) -> bool:
+        """No request is being read: new bytes start the next one."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _refuse_headers(self) -> None:
+        self._disarm()
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+        log.info("http: refusing %s, request headers over %d bytes", client, self.max_header_bytes)
+        self.send_400_response("Request headers too large.")
 
     def _arm(self, phase: Phase) -> None:
         self._disarm()
         timeout = self.header_timeout if phase == "headers" else self.body_timeout
         self._phase = phase
+        if phase == "headers":
+            self._header_bytes = 0
         self._deadline = self.loop.call_later(timeout, self._expired, phase, timeout)
 
     def _disarm(self) -> None:
@@ -91,9 +113,6 @@ class DeadlineH11Protocol(H11Protocol):
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "-"
         log.info("http: closing %s, request %s not received within %gs", client, phase, timeout)
-        if self.conn.our_state is not h11.ERROR:
-            with contextlib.suppress(h11.LocalProtocolError):  # mid-request: nothing to tell h11
-                self.conn.send(h11.ConnectionClosed())
         self.transport.close()
 
 

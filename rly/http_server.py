@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from rly.http_limits import DeadlineH11Protocol, limit_body
+from rly.http_limits import DeadlineHttpToolsProtocol, limit_body
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -48,7 +48,7 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
         }
     config = uvicorn.Config(
         limit_body(app),
-        http=DeadlineH11Protocol,
+        http=DeadlineHttpToolsProtocol,
         log_level=log_level,
         access_log=False,
         proxy_headers=False,
@@ -56,7 +56,6 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
         timeout_keep_alive=15,
         timeout_graceful_shutdown=2,  # long polls must not hold up SIGTERM
         limit_concurrency=2048,
-        h11_max_incomplete_event_size=16 * 1024,
         lifespan="off",
         log_config=None,
         **kwargs,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -106,3 +109,66 @@ def test_portal_and_api_bodies_over_64_kib_are_refused(server: RlyServer) -> Non
         assert response.status_code == 413
         assert "error" in response.json()
         assert client.get("/healthz").status_code == 200
+
+
+def _exchange(port: int, *requests: bytes) -> bytes:
+    """Send each request on one connection, pausing between them; return all replies."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for request in requests:
+            sock.sendall(request)
+            time.sleep(0.2)
+        replies = b""
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(65536):
+                replies += chunk
+    return replies
+
+
+def _flood(port: int, data: bytes) -> bool:
+    """True if the server hung up before taking all of `data`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(data)
+        except ConnectionError:
+            return True
+    return False
+
+
+def test_oversized_headers_are_refused_and_memory_stays_flat(server: RlyServer) -> None:
+    """Request line + headers over 16 KiB get a 400 and a close; a 60 KiB body does not count."""
+    port = server.http_port
+    assert server.process is not None
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    endless = head + b"X-Big: " + b"a" * (17 * 1024)  # a header value that has not ended
+    many = head + b"".join(b"X-%d: v\r\n" % i for i in range(2000))  # ~20 KiB of headers
+    for request in (endless, many):
+        reply = _exchange(port, request)
+        assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+        assert b"Request headers too large." in reply
+    replies = _exchange(port, head + b"\r\n", endless)  # the second request on a keep-alive
+    assert replies.startswith(b"HTTP/1.1 200 "), replies[:80]
+    assert replies.count(b"HTTP/1.1 ") == 2 and b"Request headers too large." in replies
+
+    near_limit = head + b"X-Fine: " + b"a" * (12 * 1024) + b"\r\nConnection: close\r\n\r\n"
+    assert _exchange(port, near_limit).startswith(b"HTTP/1.1 200 ")
+    body = b'{"token": "' + b"a" * (60 * 1024) + b'"}'
+    post = (
+        b"POST /api/v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    ) + body
+    reply = _exchange(port, post)
+    assert b"application/json" in reply and b"too large" not in reply, reply[:300]  # the app's word
+
+    rss_before = _rss_kib(server.process.pid)
+    flood = head + b"X-Big: " + b"a" * (64 << 20)
+    assert all(_flood(port, flood) for _ in range(4)), "the server kept reading headers"
+    assert _rss_kib(server.process.pid) - rss_before < 16 * 1024, "headers were buffered"
+    with httpx.Client(base_url=server.base_url, timeout=5) as client:
+        assert client.get("/healthz").status_code == 200
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
