@@ -63,9 +63,9 @@ class DeviceSession:
         tunnel = self.ctx.tunnels.get(device_id)
         if tunnel is not None:
             return tunnel
-        self.say(WAITING)
         await self.ctx.db(lambda s: session_rows.request_tunnel(s, device_id, "open"))
         self.ctx.hub.notify(f"device:{device_id}")
+        self.say(WAITING)  # after the request is stored, so what the technician reads is true
 
         async def check() -> DeviceTunnel | None:
             return self.ctx.tunnels.get(device_id)
@@ -117,9 +117,9 @@ class DeviceSession:
                 timeout=self.ctx.settings.relay.connect_timeout,
             )
         except HostKeyMismatch:
+            await session_rows.host_key_mismatch(self.ctx, self.identity, self.device.id)
             self.say(f"ALERT: device {self.device.id} presented a host key other than its pin.")
             self.say("Refusing to connect; an admin must check the device and re-pin its key.")
-            await session_rows.host_key_mismatch(self.ctx, self.identity, self.device.id)
             return None
         except (OSError, TimeoutError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
             self.say(GIVING_UP)
