@@ -35,7 +35,7 @@ from relay.device_auth import (
     valid_device_id,
 )
 from relay.liveness import ensure_sweeper, keepalive_options, recheck_device
-from relay.preauth import PreauthLimiter
+from relay.preauth import PreauthLimiter, RefusalLog
 from relay.tunnels import DeviceTunnel, close_tunnel_row, insert_tunnel_row
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ class DeviceServer(asyncssh.SSHServer):
         conn.reload_config = _keep_listener_options  # type: ignore[method-assign]
         peer = conn.get_extra_info("peername") or ("", 0)
         self._peer_ip, self._peer_port = str(peer[0]), int(peer[1])
-        if not self._limiter.admit(self._peer_ip):
-            log.warning("device connection refused: pre-auth limit from=%s", self._peer_ip)
+        if not self._limiter.admit(self._peer_ip):  # the limiter logs refusals
             conn.abort()
             return
         self._counted = True
@@ -396,5 +395,8 @@ def describe(exc: Exception | None) -> str:
 def make_device_server(ctx: RelayContext) -> Callable[[], asyncssh.SSHServer]:
     """The server factory for one device port (with its own pre-auth limits)."""
     s = ctx.settings.relay
-    limiter = PreauthLimiter(s.max_unauthenticated, s.max_unauthenticated_per_source)
+    refusals = RefusalLog(log, "device")
+    limiter = PreauthLimiter(
+        s.max_unauthenticated, s.max_unauthenticated_per_source, refusals=refusals
+    )
     return lambda: DeviceServer(ctx, limiter)

@@ -37,7 +37,7 @@ from relay.kbdint_approval import (
     disconnect_soon,
 )
 from relay.menu import DISCONNECT_GRACE, LoginInfo, MenuSession
-from relay.preauth import PreauthLimiter
+from relay.preauth import PreauthLimiter, RefusalLog
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ class TechnicianServer(asyncssh.SSHServer):
         self.client_ip = str(peer[0]) if peer else ""
         conn.set_extra_info(**{EXTRA_INFO_KEY: self.approval})
         self.jumps = JumpRequests(self.ctx, conn, self.approval, self.client_ip, self._refused)
-        if not self.limiter.admit(self.client_ip):
-            log.warning("technician connection refused: pre-auth limit from=%s", self.client_ip)
+        if not self.limiter.admit(self.client_ip):  # the limiter logs refusals
             conn.abort()
             return
         self.counted = True
@@ -272,7 +271,10 @@ def make_technician_server(
 ) -> tuple[Callable[[], asyncssh.SSHServer], dict[str, object]]:
     """The server factory and the listen() options of the technician port."""
     s = ctx.settings.relay
-    limiter = PreauthLimiter(s.max_unauthenticated, s.max_unauthenticated_per_source)
+    refusals = RefusalLog(log, "technician")
+    limiter = PreauthLimiter(
+        s.max_unauthenticated, s.max_unauthenticated_per_source, refusals=refusals
+    )
 
     handler = MenuSession.factory(ctx)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +23,7 @@ from relay.device_lookup import (
     list_devices,
     resolve,
 )
-from relay.preauth import PENALTY_CAP, PreauthLimiter
+from relay.preauth import PENALTY_CAP, PreauthLimiter, RefusalLog
 
 
 @pytest.fixture
@@ -155,6 +157,32 @@ def test_preauth_caps_total_and_per_source() -> None:
     assert not limiter.admit("c")
     limiter.release("a")
     assert limiter.admit("c")
+
+
+def test_refusals_are_logged_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:
+    """A storm of refused connections gives one line at once and one summary per interval."""
+    logger = logging.getLogger("test.refusals")
+
+    async def storm() -> None:
+        refusals = RefusalLog(logger, "device", interval=0.2)
+        limiter = PreauthLimiter(max_total=1, max_per_source=1, refusals=refusals)
+        assert limiter.admit("10.0.0.1")
+        for i in range(500):
+            assert not limiter.admit(f"10.0.{i % 7}.2")
+        await asyncio.sleep(0.3)  # one summary
+        assert not limiter.admit("10.0.9.9")
+        await asyncio.sleep(0.5)  # a second summary, then a quiet interval ends the burst
+        assert not limiter.admit("10.0.8.8")  # logged at once again
+
+    with caplog.at_level(logging.WARNING, logger="test.refusals"):
+        asyncio.run(storm())
+    lines = [r.getMessage() for r in caplog.records if r.name == "test.refusals"]
+    assert lines == [
+        "device connection refused: pre-auth limit from=10.0.0.2",
+        "device connections refused: pre-auth limit, 499 more in the last 0.2s from 7 sources",
+        "device connections refused: pre-auth limit, 1 more in the last 0.2s from 1 sources",
+        "device connection refused: pre-auth limit from=10.0.8.8",
+    ]
 
 
 def test_penalty_grows_caps_and_decays() -> None:
