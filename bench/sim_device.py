@@ -6,7 +6,7 @@ Each device connects as rly-client does (same algorithms, keepalive default,
 pinned host CA, `Backoff` with full jitter from device_client.tunnel), asks
 for one remote forward, and on loss reconnects the way rly-client's runner
 does: after a failed attempt it waits `next_delay()`; after an established
-tunnel drops it waits `after_drop()` (uniform over the cap, so a relay
+tunnel drops it waits `after_drop()` (uniform over 40 s, so a relay
 restart does not bring the whole fleet back as one herd); the backoff starts
 again from the base only after a tunnel stayed up `STABLE_AFTER`. Each device dials from its
 own loopback address (127.x.y.z) so the relay's per-source limit on
