@@ -17,12 +17,10 @@ import asyncio
 import contextlib
 import os
 import struct
-from types import TracebackType
-from typing import Self
 
 import asyncssh
 
-from tests.adversarial.proxy import LoopThread
+from tests.adversarial.loop_server import Listener, LoopServer
 
 MODES = (
     "endless_banner",
@@ -36,25 +34,20 @@ BANNER = b"SSH-2.0-hostile_1.0\r\n"
 GIGANTIC = 2 * 1024 * 1024  # one banner line without a newline, > 1 MB
 
 
-class HostileTarget:
+class HostileTarget(LoopServer):
     """A TCP server on 127.0.0.1 that misbehaves as an SSH server in one way."""
 
     def __init__(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
+        super().__init__(f"hostile-{mode}")
         self.mode = mode
         self.connections = 0
         self.open_connections = 0
         self.sent = 0
-        self.port = 0
-        self._thread = LoopThread(f"hostile-{mode}")
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    def start(self) -> Self:
-        self._server = self._thread.call(asyncio.start_server(self._serve, "127.0.0.1", 0))
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
+    async def _listen(self) -> Listener:
+        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -102,28 +95,6 @@ class HostileTarget:
         while await reader.read(65536):
             pass
 
-    async def _close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._thread.call(self._close(), timeout=5)
-        self._thread.stop()
-
-    def __enter__(self) -> Self:
-        return self if self._server is not None else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 class _AnyKeyServer(asyncssh.SSHServer):
     """Lets any public key or certificate in (the flood target does not care who it floods)."""
@@ -141,23 +112,16 @@ class _AnyKeyServer(asyncssh.SSHServer):
         return True
 
 
-class FloodTarget:
+class FloodTarget(LoopServer):
     """A real SSH server whose sessions write `total` bytes of output as fast as allowed."""
 
     def __init__(self, total: int) -> None:
+        super().__init__("flood-target")
         self.total = total
         self.sent = 0
         self.sessions = 0
-        self.port = 0
-        self._thread = LoopThread("flood-target")
-        self._acceptor: asyncssh.SSHAcceptor | None = None
 
-    def start(self) -> Self:
-        self._acceptor = self._thread.call(self._listen())
-        self.port = int(self._acceptor.sockets[0].getsockname()[1])
-        return self
-
-    async def _listen(self) -> asyncssh.SSHAcceptor:
+    async def _listen(self) -> Listener:
         return await asyncssh.listen(
             "127.0.0.1",
             0,
@@ -177,23 +141,3 @@ class FloodTarget:
                 self.sent += len(chunk)
                 await process.stdout.drain()
             process.exit(0)
-
-    async def _close(self) -> None:
-        if self._acceptor is not None:
-            self._acceptor.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._thread.call(self._close(), timeout=5)
-        self._thread.stop()
-
-    def __enter__(self) -> Self:
-        return self if self._acceptor is not None else self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
