@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import asyncssh
 
@@ -39,11 +40,16 @@ class Outcome:
     reason: str
 
 
-class DeviceSession:
+Process = TypeVar("Process", bound=asyncssh.SSHServerProcess[Any])
+
+
+class DeviceSession(Generic[Process]):
+    """Typed by the technician's process: text for the menu, bytes for a jump channel."""
+
     def __init__(
         self,
         ctx: RelayContext,
-        process: asyncssh.SSHServerProcess[str],
+        process: Process,
         identity: Identity,
         device: DeviceInfo,
         client_ip: str,

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
-from typing import Any, cast
 
 import asyncssh
 
@@ -45,24 +43,12 @@ LOGIN_TIMEOUT = 30.0
 SFTP = "sftp"  # the one subsystem passed to devices (scp uses it too since OpenSSH 9.0)
 
 
-class JumpDeviceSession(DeviceSession):
+class JumpDeviceSession(DeviceSession[asyncssh.SSHServerProcess[bytes]]):
     """A DeviceSession for one nested channel: bytes end to end, subsystems passed upstream.
 
     The parent's tunnel wait, session row, certificate, host-key pin, close
     requests and bookkeeping are reused; only the bridge differs (BytesPump).
     """
-
-    def __init__(
-        self,
-        ctx: RelayContext,
-        process: asyncssh.SSHServerProcess[bytes],
-        identity: Identity,
-        device: DeviceInfo,
-        client_ip: str,
-        say: Callable[[str], None],
-    ) -> None:
-        super().__init__(ctx, cast(Any, process), identity, device, client_ip, say)
-        self.tech = process
 
     async def _bridge(
         self,
@@ -71,7 +57,7 @@ class JumpDeviceSession(DeviceSession):
         remote_command: str,
         recording: Recording | None,
     ) -> Outcome:
-        tech = self.tech
+        tech = self.process
         if tech.subsystem is not None:
             upstream = await conn.create_process(subsystem=tech.subsystem, encoding=None)
         else:
@@ -96,8 +82,8 @@ class JumpDeviceSession(DeviceSession):
 
     def _start_recording(self, session_id: str) -> Recording | None:
         """Terminal use is recorded; file transfers (sftp, scp) are not terminal output."""
-        command = (self.tech.command or "").lstrip()
-        if self.tech.subsystem is not None or command.startswith("scp "):
+        command = (self.process.command or "").lstrip()
+        if self.process.subsystem is not None or command.startswith("scp "):
             return None
         return super()._start_recording(session_id)
 
