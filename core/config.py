@@ -250,6 +250,18 @@ def load_settings(path: Path | None = None, *, data_dir: Path | None = None) -> 
     return settings
 
 
+def with_bound_http_port(settings: Settings, port: int) -> Settings:
+    """The default `http.public_url` names the HTTP port actually served (0 or not 8000).
+
+    An operator-set public URL is kept as written: it may sit behind a proxy.
+    """
+    if settings.http.public_url != HttpSettings.public_url or port == 0:
+        return settings
+    scheme = "https" if settings.http.tls_cert else "http"
+    http = dataclasses.replace(settings.http, public_url=f"{scheme}://localhost:{port}")
+    return dataclasses.replace(settings, http=http)
+
+
 def _validate(settings: Settings) -> None:
     for key, host in (
         ("relay.listen", settings.relay.listen),

@@ -70,29 +70,55 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
-def check_migrated(engine: Engine) -> None:
-    """Refuse to serve a database whose schema is behind this version's migrations."""
-    from alembic.migration import MigrationContext
+def _head() -> str | None:
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head: str | None = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema revision the database is at; None when it has no schema yet."""
+    from alembic.migration import MigrationContext
+
     try:
         with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
+            current: str | None = MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read the schema version: {_first_line(exc)}") from None
+    return current
+
+
+def applied_between(before: str | None, after: str | None) -> list[str]:
+    """The revisions an upgrade from `before` to `after` applied, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    if after is None or before == after:
+        return []
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    revisions = script.iterate_revisions(after, before or "base")
+    return [rev.revision for rev in reversed(list(revisions))]
+
+
+def check_migrated(engine: Engine) -> None:
+    """Refuse to serve a database whose schema is behind this version's migrations."""
+    head, current = _head(), current_revision(engine)
     if current != head:
-        raise DatabaseError(
-            f"database schema is at {current or 'nothing'}, this rly needs {head}: "
-            "run 'rly db upgrade' first"
-        )
+        where = f"is at schema {current}" if current else "has no schema yet"
+        raise DatabaseError(f"database {where}, this rly needs {head}: run 'rly db upgrade' first")
 
 
-def upgrade(url: str) -> None:
-    """Apply every migration (idempotent)."""
+def upgrade(url: str) -> tuple[str | None, str | None]:
+    """Apply every migration (idempotent); the revisions before and after."""
     from alembic import command
 
+    engine = make_engine(url)
     try:
+        before = current_revision(engine)
         command.upgrade(alembic_config(url), "head")
+        after = current_revision(engine)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"database migration failed: {_first_line(exc)}") from None
+    finally:
+        engine.dispose()
+    return before, after

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import accounts, devices, totp
-from core.config import Settings, parse_duration
+from core.config import Settings, parse_duration, with_bound_http_port
 from core.db import check_connection, make_engine, make_sessions, upgrade
 from core.keys import ensure_private_dir
 from core.models import Account, AuditEvent, Device, utcnow
@@ -164,10 +164,8 @@ def _token_create(session: Session, args: argparse.Namespace, settings: Settings
         f"{'auto-accept' if args.auto_accept else 'devices wait for acceptance'}"
     )
     print("install command:")
-    print(
-        f"  rly-client enroll --tracker {settings.http.public_url} --token {token}"
-        " && rly-client install-service"
-    )
+    tracker = with_bound_http_port(settings, settings.http.port).http.public_url
+    print(f"  rly-client enroll --tracker {tracker} --token {token} && rly-client install-service")
 
 
 def _device_list(session: Session, args: argparse.Namespace, _s: Settings) -> None:

@@ -50,17 +50,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings, args.only)
         if args.command == "db":
-            from core.db import upgrade
-
-            upgrade(settings.effective_database_url)
-            print("rly: database is up to date")
-            return 0
+            return _db_upgrade(settings)
         return admin.run(args, settings)
     except (ConfigError, KeyFileError, DatabaseError, InvalidInput) as exc:
         print(f"rly: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _db_upgrade(settings: Settings) -> int:
+    from core.db import applied_between, upgrade
+    from core.keys import ensure_private_dir
+
+    if not settings.database_url:  # the embedded database lives in the (private) data dir
+        ensure_private_dir(settings.data_dir)
+    before, after = upgrade(settings.effective_database_url)
+    applied = applied_between(before, after)
+    if applied:
+        print(f"rly: applied migrations {', '.join(applied)}; the database is at schema {after}")
+    else:
+        print(f"rly: database is up to date (schema {after})")
+    return 0
 
 
 def _serve(settings: Settings, only: str | None) -> int:

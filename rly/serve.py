@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from approval_portal.app import create_app as create_portal
 from core import db
-from core.config import Settings
+from core.config import Settings, with_bound_http_port
 from core.feed import run_feed
 from core.hub import Hub
 from core.keys import KeyStore, check_secret_file
@@ -88,6 +88,7 @@ async def serve(p: Prepared, parts: set[str]) -> int:
     try:
         if parts & {"tracker", "portal"}:
             http_sock = _bind(s.http.listen, s.http.port, "http.port")
+            s = p.settings = with_bound_http_port(s, http_sock.getsockname()[1])
         if "relay" in parts:
             ctx = RelayContext(
                 settings=s,
@@ -121,7 +122,7 @@ async def serve(p: Prepared, parts: set[str]) -> int:
             if tasks[-1].done():
                 raise StartupError(f"HTTP server failed to start: {tasks[-1].exception()}")
             await asyncio.sleep(0.02)
-    _announce(s, relay, http_sock)
+    _announce(s, parts, relay, http_sock)
     await stop.wait()
     log.info("shutting down")
     hub.close()
@@ -147,7 +148,9 @@ def _bind(host: str, port: int, key: str) -> socket.socket:
         ) from None
 
 
-def _announce(s: Settings, relay: Relay | None, http_sock: socket.socket | None) -> None:
+def _announce(
+    s: Settings, parts: set[str], relay: Relay | None, http_sock: socket.socket | None
+) -> None:
     lines = []
     if relay is not None:
         lines.append(f"rly: technician ssh on {s.relay.listen}:{relay.technician_port}")
@@ -157,7 +160,11 @@ def _announce(s: Settings, relay: Relay | None, http_sock: socket.socket | None)
         scheme = "https" if s.http.tls_cert else "http"
         lines.append(f"rly: http on {host}:{port}")
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        lines.append(f"rly: portal {scheme}://{shown}:{port}  (public URL {s.http.public_url})")
+        base = f"{scheme}://{shown}:{port}"
+        if "tracker" in parts:
+            lines.append(f"rly: tracker {base}/api/v1")
+        if "portal" in parts:
+            lines.append(f"rly: portal {base}  (public URL {s.http.public_url})")
     lines.append("rly: ready")
     print("\n".join(lines), flush=True)
     sys.stdout.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -15,7 +16,9 @@ import asyncssh
 import httpx
 import pytest
 
+from core.config import Settings, with_bound_http_port
 from tests.support.rly_server import RlyFactory, RlyServer
+from tests.support.technician import TechnicianFactory
 
 ENV_PORTS = {
     "RLY_HTTP_PORT": "0",
@@ -170,10 +173,36 @@ def test_too_open_key_file_is_refused_by_name(rly_factory: RlyFactory) -> None:
 
 
 def test_only_tracker_runs_http_without_ssh(rly_factory: RlyFactory) -> None:
-    """`--only tracker` serves HTTP and opens no SSH port."""
+    """`--only tracker` serves HTTP, opens no SSH port and announces no portal it lacks."""
     server: RlyServer = rly_factory(only="tracker").start()
     assert server.device_ports == []
     assert httpx.get(f"{server.base_url}/healthz").status_code == 200
+    assert f"rly: tracker http://127.0.0.1:{server.http_port}/api/v1" in server.output
+    assert "rly: portal" not in server.output
+    assert httpx.get(f"{server.base_url}/login").status_code == 404
+
+
+def test_port_zero_approval_urls_name_the_bound_port(
+    rly_factory: RlyFactory, technician_factory: TechnicianFactory
+) -> None:
+    """With http.port = 0 and the default public URL, approval links use the port bound."""
+    server = rly_factory()
+    base = f"http://localhost:{server.http_port}"
+    assert f"(public URL {base})" in server.output
+    tech = technician_factory(server.technician_port)
+    url = tech.expect(r"(http://\S+/approve/[A-Za-z0-9_-]+)").group(1)
+    assert url.startswith(f"{base}/approve/")
+
+
+def test_only_the_default_public_url_follows_the_port() -> None:
+    """A public URL the operator set is kept; the default one names the served port."""
+    default = Settings()
+    assert with_bound_http_port(default, 9000).http.public_url == "http://localhost:9000"
+    assert with_bound_http_port(default, 0).http.public_url == "http://localhost:8000"
+    behind_proxy = dataclasses.replace(
+        default, http=dataclasses.replace(default.http, public_url="https://rly.example")
+    )
+    assert with_bound_http_port(behind_proxy, 9000).http.public_url == "https://rly.example"
 
 
 def test_metrics_are_prometheus_text(rly_factory: RlyFactory) -> None:
@@ -199,11 +228,15 @@ def test_unmigrated_postgres_is_refused_then_served_after_upgrade(
     env = {**ENV_PORTS, "RLY_DATABASE_URL": pg_url}
     refused = run_rly("serve", "--data-dir", str(tmp_path / "d"), env=env)
     assert refused.returncode == 2
+    assert "database has no schema yet, this rly needs" in refused.stderr
     assert "run 'rly db upgrade' first" in refused.stderr
     assert refused.stderr.strip().count("\n") == 0
     upgraded = run_rly("db", "upgrade", "--data-dir", str(tmp_path / "d"), env=env)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "up to date" in upgraded.stdout
+    assert upgraded.stdout.startswith("rly: applied migrations 0001, 0002"), upgraded.stdout
+    assert "up to date" not in upgraded.stdout
+    again = run_rly("db", "upgrade", "--data-dir", str(tmp_path / "d"), env=env)
+    assert again.stdout.startswith("rly: database is up to date (schema 0"), again.stdout
     server = rly_factory(database_url=pg_url).start()
     assert httpx.get(f"{server.base_url}/healthz").json() == {"status": "ok"}
 

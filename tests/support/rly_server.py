@@ -7,7 +7,8 @@
 The config TOML (BASE_CONFIG deep-merged with `config`) lives in a 0700 data
 directory. Start-up is read from the contract lines `rly serve` prints on stdout:
 `rly: technician ssh on H:P`, `rly: device ssh on H:P` (one per port),
-`rly: http on H:P`, `rly: portal URL ...`, `rly: ready`.
+`rly: http on H:P`, `rly: tracker URL/api/v1` (when the tracker runs),
+`rly: portal URL ...` (when the portal runs), `rly: ready`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ BASE_CONFIG: Mapping[str, Any] = {
     "http": {"listen": "127.0.0.1", "port": 0},
 }
 _T = TypeVar("_T")
-_ANNOUNCE = re.compile(r"^rly: (technician ssh on|device ssh on|http on|portal|ready)\s*(\S*)")
+_ANNOUNCE = re.compile(
+    r"^rly: (technician ssh on|device ssh on|http on|tracker|portal|ready)\s*(\S*)"
+)
 
 
 class RlyServer:
@@ -107,6 +110,8 @@ class RlyServer:
                 return
             if kind == "portal":
                 self._base_url = value.rstrip("/")
+            elif kind == "tracker":  # the same HTTP server; the portal line, if any, follows
+                self._base_url = value.removesuffix("/api/v1")
             else:
                 port = int(value.rsplit(":", 1)[1])
                 if kind == "technician ssh on":
@@ -133,7 +138,7 @@ class RlyServer:
 
     @property
     def base_url(self) -> str:
-        """The portal's URL as announced, e.g. http://127.0.0.1:PORT (no trailing slash)."""
+        """The HTTP server's URL as announced, e.g. http://127.0.0.1:PORT (no trailing slash)."""
         return _announced(self._base_url, "portal")
 
     def rebase(self, url: str) -> str:
