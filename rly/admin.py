@@ -111,10 +111,22 @@ def _account_list(session: Session, _a: argparse.Namespace, _s: Settings) -> Non
 def _read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
-    first = getpass.getpass("Password: ")
-    if getpass.getpass("Repeat password: ") != first:
+    first = _prompt("Password: ")
+    if _prompt("Repeat password: ") != first:
         raise InvalidInput("passwords do not match")
     return first
+
+
+def _prompt(text: str) -> str:
+    """A hidden prompt; Ctrl-D (end of input) or Ctrl-C gives one line, not a traceback."""
+    try:
+        return getpass.getpass(text)
+    except EOFError:
+        print(file=sys.stderr)  # end the prompt's line, so the refusal stands on its own
+        raise InvalidInput("no password given (end of input at the prompt)") from None
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # the same for Ctrl-C; rly.cli prints the one line
+        raise
 
 
 def _user_add(session: Session, args: argparse.Namespace, _s: Settings) -> None:
@@ -229,14 +241,20 @@ def _allow_list(session: Session, args: argparse.Namespace, _s: Settings) -> Non
 
 
 def _audit(session: Session, args: argparse.Namespace, _s: Settings) -> None:
+    """The newest `--limit` events of the window, printed oldest first (as a log reads)."""
     try:
         since = utcnow() - timedelta(seconds=parse_duration(args.since))
     except ValueError as exc:
         raise InvalidInput(f"--since: {exc}") from None
-    rows = session.scalars(
-        select(AuditEvent).where(AuditEvent.at >= since).order_by(AuditEvent.id).limit(args.limit)
-    )
-    for ev in rows:
+    if args.limit < 1:
+        raise InvalidInput(f"--limit must be at least 1, got {args.limit}")
+    newest = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.at >= since)
+        .order_by(AuditEvent.id.desc())
+        .limit(args.limit)
+    ).all()
+    for ev in reversed(newest):
         print(
             f"{ev.at:%Y-%m-%d %H:%M:%S} {ev.action:<24} actor={ev.actor or '-'} "
             f"target={strip_controls(ev.target) or '-'} from={ev.source_ip or '-'} "

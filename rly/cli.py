@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, KeyFileError, DatabaseError, InvalidInput) as exc:
         print(f"rly: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C at a prompt or mid-command: one line, nothing changed
+        print("rly: interrupted", file=sys.stderr)
         return 130
 
 
