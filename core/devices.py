@@ -38,6 +38,7 @@ def create_enroll_token(
             token_hash=token_hash(token),
             auto_accept=auto_accept,
             uses_left=uses,
+            uses_total=uses,
             expires_at=utcnow() + timedelta(seconds=ttl),
             created_by=actor,
         )

@@ -127,6 +127,8 @@ class EnrollToken(Base):
     expires_at: Mapped[datetime]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(64), default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)  # 0006
+    uses_total: Mapped[int | None] = mapped_column(Integer, default=None)  # 0006: uses at creation
 
 
 class RelayNode(Base):
@@ -198,6 +200,7 @@ class SshSession(Base):
     bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
     close_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    closed_by: Mapped[str | None] = mapped_column(String(128), default=None)  # 0006: who asked
     recording_path: Mapped[str | None] = mapped_column(String(512), default=None)
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, session_close
 from core.models import SshSession, Tunnel
 from core.validate import strip_controls
 from relay import device_lookup, session_rows
@@ -102,31 +102,18 @@ def show_lines(session: Session, device: DeviceInfo) -> list[str]:
     return lines
 
 
-def open_session(session: Session, who: Identity, session_id: str) -> SshSession | None:
-    row = session.get(SshSession, session_id.lower())
-    if row is None or row.account_id != who.account_id or row.ended_at is not None:
-        return None
-    return row
-
-
 async def close_session(ctx: RelayContext, who: Identity, session_id: str, ip: str) -> str | None:
     """Ask a session (on any relay) to end; None when no such open session in the account."""
 
     def run(session: Session) -> str | None:
-        row = open_session(session, who, session_id)
-        if row is None:
-            return None
-        row.close_requested = True
-        audit.record(
+        row = session_close.request_close(
             session,
-            action="session.close_requested",
-            actor=who.username,
+            session_id=session_id,
             account_id=who.account_id,
-            target=row.device_id,
-            detail=f"session={row.id}",
+            actor=who.username,
             source_ip=ip,
         )
-        return row.id
+        return row.id if row is not None else None
 
     closed = await ctx.db(run)
     if closed is not None:

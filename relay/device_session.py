@@ -158,9 +158,10 @@ class DeviceSession(Generic[Process]):
         self, ended: Awaitable[object], session_id: str, technician_left: Awaitable[None]
     ) -> str:
         """Wait for the device side to end, a close request, or the technician to leave."""
+        watch = asyncio.ensure_future(self._watch(session_id))
         tasks = {
             "exit": asyncio.ensure_future(ended),
-            "closed by request": asyncio.ensure_future(self._watch(session_id)),
+            "closed by request": watch,
             "technician left": asyncio.ensure_future(technician_left),
         }
         try:
@@ -169,6 +170,8 @@ class DeviceSession(Generic[Process]):
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if watch in done and not watch.cancelled() and watch.exception() is None:
+            return watch.result()  # "closed by <who>"
         return next(name for name, task in tasks.items() if task in done)
 
     async def _bridge(
@@ -192,8 +195,8 @@ class DeviceSession(Generic[Process]):
             bridge.detach()
         return _outcome(reason, bridge)
 
-    async def _watch(self, session_id: str) -> None:
-        """Return when another session asked to close this one; keep last_activity_at fresh."""
+    async def _watch(self, session_id: str) -> str:
+        """Return who asked to close this session, when asked; keep last_activity_at fresh."""
         loop = asyncio.get_running_loop()
         written = loop.time()
         while True:
@@ -202,8 +205,9 @@ class DeviceSession(Generic[Process]):
             if woken or now - written >= ACTIVITY_INTERVAL:
                 active = self.traffic.last_activity > written
                 traffic = self.traffic if active else None
-                if await session_rows.poll(self.ctx, session_id, traffic):
-                    return
+                closed = await session_rows.poll(self.ctx, session_id, traffic)
+                if closed is not None:
+                    return closed
                 written = now
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from core import audit
 from core.devices import request_tunnel as core_request_tunnel
 from core.models import Device, SshSession, utcnow
+from core.session_close import CLOSED_BY_REQUEST, close_reason
 from core.validate import new_id
 from relay.approval_gate import Identity
 from relay.context import RelayContext
@@ -102,17 +103,20 @@ async def end(
     await ctx.db(run)
 
 
-async def poll(ctx: RelayContext, session_id: str, traffic: Traffic | None) -> bool:
-    """Whether a close was requested; with `traffic`, also records activity and byte counts."""
+async def poll(ctx: RelayContext, session_id: str, traffic: Traffic | None) -> str | None:
+    """Why to close (e.g. "closed by alice (portal)"), or None to go on.
 
-    def run(session: Session) -> bool:
+    With `traffic`, also records activity and byte counts.
+    """
+
+    def run(session: Session) -> str | None:
         row = session.get(SshSession, session_id)
         if row is None:
-            return True
+            return CLOSED_BY_REQUEST
         if traffic is not None:
             row.last_activity_at = utcnow()
             row.bytes_up, row.bytes_down = traffic.up, traffic.down
-        return row.close_requested
+        return close_reason(row) if row.close_requested else None
 
     return await ctx.db(run)
 

@@ -37,6 +37,8 @@ def enroll(session: Session, *, body: EnrollRequest, tunnel_mode: str, source_ip
     now = utcnow()
     if token is None:
         raise ApiError(403, "unknown enrollment token")
+    if token.revoked_at is not None:
+        raise ApiError(403, "enrollment token has been revoked")
     if token.expires_at <= now:
         raise ApiError(403, "enrollment token has expired")
     if token.uses_left < 1:

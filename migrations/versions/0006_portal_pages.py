@@ -1,10 +1,18 @@
 """portal pages: schema for issue 13 (portal pages: users, devices, tokens)
 
+Who ended an SSH session (shown to the technician), and revoked enrollment
+tokens (listed as revoked, refused by the tracker with that word).
+
 Revision ID: 0006
 Revises: 0005
 """
 
 from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+import core.models
 
 revision: str = '0006'
 down_revision: str | None = '0005'
@@ -13,8 +21,18 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    with op.batch_alter_table('sessions') as batch:
+        batch.add_column(sa.Column('closed_by', sa.String(length=128), nullable=True))
+    with op.batch_alter_table('enroll_tokens') as batch:
+        batch.add_column(
+            sa.Column('revoked_at', core.models.UTCDateTime(timezone=True), nullable=True)
+        )
+        batch.add_column(sa.Column('uses_total', sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
-    pass
+    with op.batch_alter_table('enroll_tokens') as batch:
+        batch.drop_column('uses_total')
+        batch.drop_column('revoked_at')
+    with op.batch_alter_table('sessions') as batch:
+        batch.drop_column('closed_by')

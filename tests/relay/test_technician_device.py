@@ -139,7 +139,7 @@ def test_exec_connect_with_tty_gives_a_shell(
 def test_close_session_from_another_session(
     relay: RlyServer, db: TechDb, box: Box, technician_factory: TechnicianFactory
 ) -> None:
-    """`show` lists a session and `close SESSION-ID` from another session ends it."""
+    """`show` lists a session and `close SESSION-ID` from another session ends it, naming who."""
     first = _menu(relay, db, technician_factory)
     first.sendline("connect box-1")
     first.sendline("echo in-$((1+2))")
@@ -151,10 +151,10 @@ def test_close_session_from_another_session(
     second.expect(f"Session {session_id}: user alice")
     second.sendline(f"close {session_id}")
     second.expect(f"Asked session {session_id} to close")
-    first.expect("closed by request", timeout=3)
+    first.expect("closed: closed by alice", timeout=3)
     first.expect(PROMPT)
     row = wait_until(lambda: [r for r in db.sessions_of(box.id) if r.ended_at])[0]
-    assert row.end_reason == "closed by request"
+    assert row.end_reason == "closed by alice"
 
 
 def test_lost_tunnel_returns_to_menu(
