@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,11 +35,12 @@ from device_client.config import (
     write_private,
 )
 from device_client.runner import os_release
-from device_client.state import pid_alive, read_state
+from device_client.state import ClientState, pid_alive, read_state
 from device_client.systemd import InstallError, install_service, service_active
 from device_client.tunnel import BACKOFF_CAP_ENV, backoff_cap_from_env
 
 EXIT_ERROR = 2
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # journald adds its own timestamps
 EXIT_NOT_RUNNING = 3
 _ERRORS = (ConfigError, TrackerError, InstallError, OSError, asyncssh.Error, ValueError)
 
@@ -69,11 +72,40 @@ def _check_tracker_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _device_key(path: Path | None) -> asyncssh.SSHKey:
-    """An existing key given with --key-file, else a fresh ed25519 key."""
-    if path is not None and path.exists():
-        return asyncssh.read_private_key(str(path))
-    return asyncssh.generate_private_key("ssh-ed25519")
+@dataclass(frozen=True)
+class EnrollFiles:
+    """The files one config owns, all absolute and named after the config file.
+
+    `client.toml` owns `client.key`, `client.host_key` and `client.state.json`
+    beside it, so two configs in one directory never share a key or a state file.
+    """
+
+    config: Path
+    key: Path
+    host_key: Path
+    state: Path
+
+    @classmethod
+    def for_config(cls, config_path: Path, key_file: str | None) -> EnrollFiles:
+        config = config_path.absolute()
+        files = cls(
+            config=config,
+            key=Path(key_file).absolute() if key_file else config.with_suffix(".key"),
+            host_key=config.with_suffix(".host_key"),
+            state=config.with_suffix(".state.json"),
+        )
+        if config in (files.key, files.host_key, files.state):
+            raise CliError(f"--config {config} would also be its own key or state file")
+        return files
+
+
+def _key_for(path: Path, new_key: bool, what: str) -> tuple[asyncssh.SSHKey, bool]:
+    """(key, reused): the key already in `path` unless --new-key, else a fresh ed25519 key."""
+    if path.exists() and not new_key:
+        key = asyncssh.read_private_key(str(path))
+        print(f"using the existing {what} {path} (--new-key replaces it)")
+        return key, True
+    return asyncssh.generate_private_key("ssh-ed25519"), False
 
 
 async def _target_host_key(
@@ -109,60 +141,80 @@ async def _enroll_request(
 def cmd_enroll(args: argparse.Namespace) -> int:
     """Register this device with the tracker and write key + config files."""
     tracker_url = _check_tracker_url(args.tracker)
-    config_path = _config_path(args)
-    base = config_path.parent
-    key_file = Path(args.key_file) if args.key_file else base / "device_key"
+    files = EnrollFiles.for_config(_config_path(args), args.key_file)
     if not 0 < args.target_port < 65536:
         raise CliError("--target-port must be between 1 and 65535")
-    key = _device_key(Path(args.key_file) if args.key_file else None)
-    host_key = asyncssh.generate_private_key("ssh-ed25519") if args.target == "builtin" else None
-    reply = asyncio.run(_enroll_request(args, key, host_key))
-    host_key_file = base / "builtin_host_key" if host_key else None
+    key, reused = _key_for(files.key, args.new_key, "device key")
+    host_key = None
+    if args.target == "builtin":
+        host_key, _ = _key_for(files.host_key, args.new_key, "builtin host key")
+    try:
+        reply = asyncio.run(_enroll_request(args, key, host_key))
+    except TrackerError as exc:
+        if reused and exc.status_code == 409:
+            raise CliError(f"{exc}; pass --new-key to enroll {files.key} as a new device") from None
+        raise
     config = config_from_dict(
         config_to_dict(
             ClientConfig(  # validates what the tracker sent
                 tracker_url=tracker_url,
                 device_id=reply.device_id,
-                key_file=key_file,
+                key_file=files.key,
                 relay_hosts=tuple(reply.relay_hosts),
                 relay_ports=tuple(reply.relay_ports),
                 relay_host_ca=reply.relay_host_ca,
                 user_ca=reply.user_ca,
-                state_file=base / "state.json",
+                state_file=files.state,
                 login_user=reply.login_user,
                 target=args.target,
                 target_host=args.target_host,
                 target_port=args.target_port,
-                host_key_file=host_key_file,
+                host_key_file=files.host_key if host_key else None,
                 tunnel_mode=reply.tunnel_mode,
             )
         )
     )
-    _write_enrollment(config, config_path, key, host_key)
+    _write_enrollment(config, files.config, key, host_key)
     print(f"enrolled: device {reply.device_id}, status {reply.status}")
     if reply.status == "pending":
         print("an admin must accept this device in the portal before it can connect")
-    print(f"config written to {config_path}")
+    print(f"config written to {files.config}")
     return 0
 
 
 def _write_enrollment(
     config: ClientConfig, config_path: Path, key: asyncssh.SSHKey, host_key: asyncssh.SSHKey | None
 ) -> None:
-    """Write the keys then the config; undo the new key files if anything fails."""
-    written: list[Path] = []
+    """Write the keys then the config; put back what was there if anything fails."""
+    keys = [(config.key_file, key)]
+    if host_key is not None and config.host_key_file is not None:
+        keys.append((config.host_key_file, host_key))
+    before: list[tuple[Path, bytes | None]] = []
     try:
-        if not config.key_file.exists():
-            write_private(config.key_file, key.export_private_key())
-            written.append(config.key_file)
-        if host_key is not None and config.host_key_file is not None:
-            write_private(config.host_key_file, host_key.export_private_key())
-            written.append(config.host_key_file)
+        for path, value in keys:
+            data = value.export_private_key()
+            old = path.read_bytes() if path.exists() else None
+            if old != data:
+                before.append((path, old))
+                write_private(path, data)
         save_config(config, config_path)
     except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
+        for path, old in reversed(before):
+            if old is None:
+                path.unlink(missing_ok=True)
+            else:
+                write_private(path, old)
         raise
+
+
+def under_journald() -> bool:
+    """Whether stderr is the journal stream systemd named in $JOURNAL_STREAM (it stamps lines)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stderr (closed, or replaced)
+        return False
+    return f"{stat.st_dev}:{stat.st_ino}" == f"{device}:{inode}"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -174,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cap = backoff_cap_from_env()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT if under_journald() else f"%(asctime)s {LOG_FORMAT}",
         stream=sys.stderr,
     )
     if not args.verbose:  # per-connection and per-request chatter; state changes suffice
@@ -191,7 +243,7 @@ def _ago(stamp: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print whether the client runs, its last check-in and its tunnel."""
+    """Print whether the client runs, its last check-in and its tunnel, one fact a line."""
     config_path = _config_path(args)
     config = load_config(config_path)
     state = read_state(config.state_file)
@@ -201,8 +253,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if active is not None:
         service += f"; systemd unit rly-client is {'active' if active else 'inactive'}"
     print(f"service:       {service}")
-    known = state.device_status if state and state.device_status else "unknown"
-    print(f"device:        {config.device_id} (status {known})")
+    print(f"tracker:       {config.tracker_url}")
+    print(f"device:        {config.device_id}")
+    if args.tracker:
+        remote = asyncio.run(_remote_status(config))
+        print(f"status:        {remote.status} (tracker, now)")
+        print(f"tracker saw:   last check-in {remote.last_checkin}; tunnel {remote.tunnel}")
+    else:
+        known = state.device_status if state and state.device_status else "unknown"
+        print(f"status:        {known} (at the last check-in)")
     print(
         f"last check-in: {_ago(state.last_checkin if state else None)}"
         f"{': ' + state.checkin_result if state and state.checkin_result else ''}"
@@ -211,17 +270,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     if tunnel_up and state:
         print(f"tunnel:        up via {state.relay}:{state.port} since {_ago(state.since)}")
     else:
-        print(f"tunnel:        {state.tunnel_state if running and state else 'down'}")
+        print(f"tunnel:        {_tunnel_down(state, running)}")
     print(f"config:        {config_path}")
-    if args.tracker:
-        print(f"tracker:       {asyncio.run(_remote_status(config))}")
     return 0 if tunnel_up else EXIT_NOT_RUNNING
 
 
-async def _remote_status(config: ClientConfig) -> dict[str, Any]:
+def _tunnel_down(state: ClientState | None, running: bool) -> str:
+    """'down: why' (or 'connecting, last error: why') from the runner's state file."""
+    if not running or state is None:
+        return "down: rly-client is not running"
+    why = state.tunnel_error or "no tunnel yet"
+    if state.tunnel_state == "connecting":
+        return f"connecting (last error: {why})" if state.tunnel_error else "connecting"
+    return f"down: {why}"
+
+
+@dataclass(frozen=True)
+class RemoteStatus:
+    """The tracker's view of this device, as plain words."""
+
+    status: str
+    last_checkin: str
+    tunnel: str
+
+
+async def _remote_status(config: ClientConfig) -> RemoteStatus:
+    """GET the device's own status; a refusal is a status too (403 revoked, 404 unknown)."""
     key = asyncssh.read_private_key(str(config.key_file))
     async with TrackerClient(config.tracker_url, device_id=config.device_id, key=key) as t:
-        return await t.device_status()
+        try:
+            view = await t.device_status()
+        except TrackerError as exc:
+            status = {403: "revoked", 404: "unknown to the tracker"}.get(exc.status_code or 0)
+            if status is None:
+                raise
+            return RemoteStatus(f"{status} ({exc})", "-", "-")
+    tunnel = view.get("tunnel")
+    if isinstance(tunnel, dict):
+        relay, since = _plain(tunnel.get("relay_node")), _plain(tunnel.get("connected_at"))
+        where = f"up on relay {relay} since {since}"
+    else:
+        where = "none"
+    return RemoteStatus(
+        _plain(view.get("status", "unknown")), _plain(view.get("last_checkin_at") or "never"), where
+    )
+
+
+def _plain(value: object) -> str:
+    """Tracker-sent text for a terminal line: printable characters only."""
+    return "".join(ch for ch in str(value) if ch.isprintable())[:200]
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -264,7 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--serial", help="serial to report (default: DMI serial or machine id)")
     enroll.add_argument("--target-host", default="127.0.0.1", help="sshd address")
     enroll.add_argument("--target-port", type=int, default=22, help="sshd port (default 22)")
-    enroll.add_argument("--key-file", help="device key (default: next to the config file)")
+    enroll.add_argument(
+        "--key-file", help="device key (default: CONFIG-NAME.key next to the config file)"
+    )
+    enroll.add_argument(
+        "--new-key",
+        action="store_true",
+        help="replace this config's existing key files with fresh keys (a new device)",
+    )
     enroll.set_defaults(func=cmd_enroll)
 
     run = sub.add_parser(

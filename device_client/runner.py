@@ -96,12 +96,15 @@ class Runner:
         self._drop = self._drop or drop
         self._poke.set()
 
-    def _set_tunnel(self, state: str, tunnel: Tunnel | None = None) -> None:
+    def _set_tunnel(self, state: str, tunnel: Tunnel | None = None, why: str | None = None) -> None:
+        """Record the tunnel state; `why` (kept while connecting) says why it is not up."""
+        kept = {} if state == "connecting" else {"tunnel_error": why}
         self.state.update(
             tunnel_state=state,
             relay=tunnel.relay if tunnel else None,
             port=tunnel.port if tunnel else None,
             since=tunnel.since if tunnel else None,
+            **kept,
         )
         if state != "connecting":
             self._tunnel_changed.set()
@@ -140,6 +143,7 @@ class Runner:
         while True:
             self._poke.clear()
             if not self.want_up:
+                self.state.update(tunnel_error=self._unwanted_reason())
                 await self._wait_poke(None)
                 continue
             self._drop = False
@@ -149,7 +153,7 @@ class Runner:
                 tunnel = await open_tunnel(self.config, self.key)
             except (OSError, asyncssh.Error) as exc:
                 delay = backoff.next_delay()
-                self._set_tunnel("down")
+                self._set_tunnel("down", why=f"connect failed: {exc or type(exc).__name__}")
                 log.warning(
                     "tunnel connect failed on every relay endpoint, last error: %s; retry in %.1fs",
                     exc or type(exc).__name__,
@@ -166,19 +170,29 @@ class Runner:
                 tunnel.remote_port,
             )
             reason = await self._hold(tunnel)
-            await self._close_tunnel()
+            await self._close_tunnel(f"tunnel ended: {reason}")
             log.info("tunnel down relay=%s reason=%s", tunnel.relay, reason)
             if time.time() - tunnel.since >= STABLE_AFTER:
                 backoff.reset()
             if reason == "connection lost":
                 await self._wait_poke(backoff.after_drop())
 
-    async def _close_tunnel(self) -> None:
+    async def _close_tunnel(self, why: str | None = None) -> None:
         tunnel, self.tunnel = self.tunnel, None
         if tunnel is not None:
             with contextlib.suppress(OSError, asyncssh.Error):
                 await tunnel.close()
-            self._set_tunnel("down")
+            self._set_tunnel("down", why=why)
+
+    def _unwanted_reason(self) -> str:
+        """Why no tunnel is wanted now, in words for `rly-client status`."""
+        if self._checkin_error is not None:
+            return f"check-in failed: {self._checkin_error}"
+        if self._device_status not in (None, "accepted"):
+            return f"device is {self._device_status}"
+        if self.mode == "on-demand":
+            return "on-demand: opens when a technician connects"
+        return "not wanted"
 
     # -- check-ins -----------------------------------------------------------
 
@@ -205,7 +219,14 @@ class Runner:
         if message != self._checkin_error:
             log.warning("check-in failed: %s", message)
         self._checkin_error = message
-        self.state.update(last_checkin=time.time(), checkin_result=f"error: {message}")
+        known = {403: "revoked", 404: "unknown to the tracker"}.get(exc.status_code or 0)
+        if known is not None:  # the tracker's word on the device beats the last reply's
+            self._device_status = known
+        self.state.update(
+            last_checkin=time.time(),
+            checkin_result=f"error: {message}",
+            device_status=self._device_status,
+        )
         if exc.status_code in REFUSED and self.want_up:
             log.warning("tracker refused this device; dropping the tunnel")
             self._set_want(False, drop=True)

@@ -29,6 +29,7 @@ class ClientState:
     relay: str | None = None
     port: int | None = None
     since: float | None = None
+    tunnel_error: str | None = None  # why the tunnel is not up (last failure or end), for status
     stopped: float | None = None
 
 

@@ -1,0 +1,207 @@
+"""rly-client's own files, status and logs against a real `rly serve` (tracker + relay).
+
+One server is shared by the module; every test enrolls devices of its own
+with the real `rly-client` command and runs them as real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from device_client.config import load_config
+from tests.e2e.stack import CLIENT, Stack, wait_for
+from tests.support.procs import ManagedProcess, ProcessFactory
+from tests.support.rly_server import RlyFactory
+from tests.support.sshd import SshdFactory
+
+pytestmark = pytest.mark.slow
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO device_client")
+
+
+@dataclass
+class World:
+    stack: Stack
+    processes: ProcessFactory
+    workdir: Path
+
+    def cli(self, *args: str, cwd: Path | None = None) -> ManagedProcess:
+        """Run `rly-client ARGS` to completion (60 s at most)."""
+        proc = self.processes([*CLIENT, *args], name="rly-client", cwd=cwd or self.workdir)
+        proc.wait(60)
+        return proc
+
+    def enroll(self, config: str, *extra: str, cwd: Path | None = None) -> ManagedProcess:
+        token = self.stack.token(auto_accept=True)
+        return self.cli(
+            "enroll", "--tracker", self.stack.server.base_url, "--token", token,
+            "--config", config, "--target", "builtin", *extra, cwd=cwd,
+        )  # fmt: skip
+
+    def run(self, config: Path, cwd: Path | None = None) -> ManagedProcess:
+        return self.processes(
+            [*CLIENT, "run", "--config", str(config)],
+            name="rly-client-run",
+            env={"RLY_CLIENT_BACKOFF_CAP": "1"},
+            cwd=cwd or self.workdir,
+        )
+
+    def status(self, config: Path, *extra: str, cwd: Path | None = None) -> ManagedProcess:
+        return self.cli("status", "--config", str(config), *extra, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One `rly serve` with account acme (keepalive 2 s) for the whole module."""
+    workdir = tmp_path_factory.mktemp("client-real")
+    servers, processes, sshds = RlyFactory(workdir), ProcessFactory(workdir), SshdFactory(workdir)
+    try:
+        config = {"relay": {"keepalive_interval": "2s", "keepalive_count": 2}}
+        yield World(Stack(servers(config=config), processes, sshds, workdir), processes, workdir)
+    finally:
+        processes.stop_all()
+        servers.stop_all()
+
+
+def _device_id(enroll: ManagedProcess) -> str:
+    match = re.search(r"enrolled: device (\S+),", enroll.stdout)
+    assert match, enroll.output
+    return match.group(1)
+
+
+def _fresh_dir(world: World, name: str) -> Path:
+    path = world.workdir / name
+    path.mkdir(mode=0o700)
+    return path
+
+
+def test_two_configs_in_one_directory_keep_their_own_files(world: World) -> None:
+    """Two enrollments into one directory get their own key, host key and state; both work."""
+    site = _fresh_dir(world, "site")
+    first = world.enroll(str(site / "a.toml"))
+    assert first.returncode == 0, first.output
+    host_key_a = (site / "a.host_key").read_bytes()
+    second = world.enroll(str(site / "b.toml"))
+    assert second.returncode == 0, second.output
+    a, b = load_config(site / "a.toml"), load_config(site / "b.toml")
+    assert (a.key_file, a.host_key_file, a.state_file) == (
+        site / "a.key", site / "a.host_key", site / "a.state.json",
+    )  # fmt: skip
+    assert len({a.key_file, b.key_file, a.host_key_file, b.host_key_file}) == 4
+    assert a.state_file != b.state_file
+    assert (site / "a.host_key").read_bytes() == host_key_a  # the second enroll left it alone
+    for config in (site / "a.toml", site / "b.toml"):
+        world.run(config)
+    for device_id in (_device_id(first), _device_id(second)):
+        world.stack.wait_online(device_id)  # a signed check-in, then the key-checked tunnel
+        assert world.stack.device_row(device_id).last_checkin_at is not None
+    for config in (site / "a.toml", site / "b.toml"):
+        remote = world.status(config, "--tracker")
+        assert "status:        accepted (tracker, now)" in remote.stdout, remote.output
+
+
+def test_enrolling_a_config_again_reuses_its_key_or_takes_new_key(world: World) -> None:
+    """Enrolling a config again reuses its key (the tracker refuses it) unless --new-key."""
+    site = _fresh_dir(world, "again")
+    config = site / "client.toml"
+    first = world.enroll(str(config))
+    assert first.returncode == 0, first.output
+    key_before = (site / "client.key").read_bytes()
+    again = world.enroll(str(config))
+    assert again.returncode == 2
+    assert f"using the existing device key {site / 'client.key'}" in again.stdout
+    assert again.stderr.count("\n") == 1
+    assert "this device key is already enrolled; pass --new-key" in again.stderr
+    assert load_config(config).device_id == _device_id(first)  # nothing was rewritten
+    fresh = world.enroll(str(config), "--new-key")
+    assert fresh.returncode == 0, fresh.output
+    assert (site / "client.key").read_bytes() != key_before
+    assert load_config(config).device_id == _device_id(fresh) != _device_id(first)
+    world.run(config)
+    world.stack.wait_online(_device_id(fresh))
+
+
+def test_relative_config_path_gives_absolute_paths_for_any_cwd(world: World) -> None:
+    """`--config a/b/client.toml` writes absolute paths; run and status work from elsewhere."""
+    here, elsewhere = _fresh_dir(world, "here"), _fresh_dir(world, "elsewhere")
+    enroll = world.enroll("a/b/client.toml", cwd=here)
+    assert enroll.returncode == 0, enroll.output
+    config_path = here / "a" / "b" / "client.toml"
+    config = load_config(config_path)
+    for path in (config.key_file, config.state_file, config.host_key_file):
+        assert path is not None and path.is_absolute() and path.parent == config_path.parent
+    assert f"config written to {config_path}" in enroll.stdout
+    world.run(config_path, cwd=elsewhere)
+    world.stack.wait_online(_device_id(enroll))
+
+    def up() -> str | None:
+        out = world.status(config_path, cwd=Path("/")).stdout
+        return out if "tunnel:        up via" in out else None
+
+    text = wait_for(up, 10, "status to show the tunnel", step=0.3)
+    assert f"device:        {_device_id(enroll)}" in text
+
+
+def test_status_of_a_revoked_device_says_revoked_and_why_the_tunnel_is_down(
+    world: World,
+) -> None:
+    """status prints plain lines: tracker URL, revoked (403) as the status, the tunnel's reason."""
+    site = _fresh_dir(world, "revoked")
+    enroll = world.enroll(str(site / "client.toml"))
+    device_id = _device_id(enroll)
+    world.run(site / "client.toml")
+    world.stack.wait_online(device_id)
+    world.stack.server.run_cli("device", "revoke", device_id, check=True)
+
+    def refused() -> str | None:
+        out = world.status(site / "client.toml").stdout
+        return out if "status:        revoked" in out else None
+
+    local = wait_for(refused, 15, "the client to learn it was revoked", step=0.3)
+    assert f"tracker:       {world.stack.server.base_url}" in local
+    assert re.search(r"tunnel:        down: check-in failed: .*device revoked", local), local
+    remote = world.status(site / "client.toml", "--tracker")
+    assert remote.returncode == 3
+    assert "status:        revoked (" in remote.stdout, remote.output
+    assert "accepted" not in remote.stdout
+    assert "{" not in remote.stdout  # no Python dict
+
+
+def _first_log_line(world: World, config: Path, journal: bool) -> str:
+    """Start `rly-client run` with stderr in a file (named in JOURNAL_STREAM if `journal`)."""
+    log_path = world.workdir / f"journal-{journal}-{os.getpid()}.log"
+    with log_path.open("wb") as log:
+        stat = os.fstat(log.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+        if not journal:
+            env["JOURNAL_STREAM"] = f"{stat.st_dev}:{stat.st_ino + 1}"  # someone else's stream
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "device_client.cli", "run", "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        return wait_for(
+            lambda: next(iter(log_path.read_text().splitlines()), None), 20, "a log line"
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_log_lines_carry_timestamps_unless_stderr_is_the_journal(world: World) -> None:
+    """Outside journald each log line starts with a timestamp; on the journal stream it does not."""
+    site = _fresh_dir(world, "logs")
+    enroll = world.enroll(str(site / "client.toml"))
+    assert enroll.returncode == 0, enroll.output
+    plain = _first_log_line(world, site / "client.toml", journal=False)
+    assert STAMP.match(plain), plain
+    journal = _first_log_line(world, site / "client.toml", journal=True)
+    assert journal.startswith("INFO device_client.runner: rly-client "), journal
