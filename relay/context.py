@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
+from relay.live_sessions import LiveSessions
 from relay.tunnels import TunnelRegistry
 
 T = TypeVar("T")
@@ -28,6 +29,7 @@ class RelayContext:
     device_ports: list[int] = field(default_factory=list)  # bound ports, in dial order
     technician_port: int = 0
     tunnels: TunnelRegistry = field(default_factory=TunnelRegistry)
+    live: LiveSessions = field(default_factory=LiveSessions)  # this process's device sessions
 
     async def db(self, fn: Callable[[Session], T]) -> T:
         """Run fn(session) in one transaction, off the event loop."""

@@ -1,4 +1,5 @@
-"""The menu's `list`, `show`, `repair` and `close`: queries and actions, returning lines to print.
+"""The menu's `repair` and `close`: actions, returning lines to print (`list` and `show`
+are relay.device_listing).
 
 Every action is scoped to the approving user's account and audited; device
 text is printed with control characters removed (lookups already strip them).
@@ -9,16 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import audit, session_close
-from core.models import SshSession, Tunnel
-from core.validate import strip_controls
-from relay import device_lookup, session_rows
+from relay import session_rows
 from relay.approval_gate import Identity
 from relay.context import RelayContext
-from relay.device_lookup import PAGE_SIZE, DeviceInfo, LookupFailure
+from relay.device_lookup import DeviceInfo, LookupFailure
 
 
 def when(value: datetime | None) -> str:
@@ -39,66 +37,6 @@ def ago(value: datetime | None) -> str:
 def format_failure(failure: LookupFailure) -> list[str]:
     lines = [failure.error, failure.reason]
     lines += [f"  {d.id}  {d.hostname}  {d.serial}  {d.state}" for d in failure.candidates]
-    return lines
-
-
-async def list_lines(ctx: RelayContext, who: Identity, pattern: str, page: int) -> list[str]:
-    rows, total = await ctx.db(
-        lambda s: device_lookup.list_devices(
-            s, account_id=who.account_id, pattern=pattern, page=page
-        )
-    )
-    if total == 0:
-        return ["No devices match." if pattern else "This account has no devices yet."]
-    pages = (total + PAGE_SIZE - 1) // PAGE_SIZE
-    header = (
-        f"{'ID':<11} {'HOSTNAME':<24} {'SERIAL':<16} {'STATE':<8} {'LAST CHECK-IN':<21} OS / CLIENT"
-    )
-    lines = [header]
-    for d in rows:
-        os_text = f"{d.os_name} {d.os_version}".strip() or "-"
-        lines.append(
-            f"{d.id:<11} {d.hostname[:24]:<24} {d.serial[:16]:<16} {d.state:<8} "
-            f"{when(d.last_checkin_at):<21} {os_text} / {d.client_version or '-'}"
-        )
-    shown = f"Page {min(page, pages)} of {pages} ({total} devices)."
-    if page < pages:
-        shown += f" Next: list {pattern + ' ' if pattern else ''}--page {page + 1}"
-    if not rows:
-        shown = f"There is no page {page}; {pages} page(s) of {total} devices."
-    return [*lines, shown]
-
-
-def show_lines(session: Session, device: DeviceInfo) -> list[str]:
-    lines = [f"Device {device.id} ({device.hostname}, serial {device.serial}): {device.state}"]
-    tunnel = session.scalar(
-        select(Tunnel)
-        .where(Tunnel.device_id == device.id, Tunnel.closed_at.is_(None))
-        .order_by(Tunnel.connected_at.desc())
-    )
-    if tunnel is None:
-        lines.append("Tunnel: none")
-    else:
-        lines.append(
-            f"Tunnel: relay {tunnel.relay_node} port {tunnel.transport_port}, "
-            f"since {when(tunnel.connected_at)}, "
-            f"last keepalive {ago(tunnel.last_keepalive_at)} ago, "
-            f"client {strip_controls(tunnel.client_version) or '-'}, "
-            f"from {tunnel.peer_ip}:{tunnel.peer_port}"
-        )
-    rows = session.scalars(
-        select(SshSession)
-        .where(SshSession.device_id == device.id, SshSession.ended_at.is_(None))
-        .order_by(SshSession.started_at)
-    ).all()
-    if not rows:
-        lines.append("Sessions: none")
-    for row in rows:
-        lines.append(
-            f"Session {row.id}: user {row.username}, from {row.client_ip}, "
-            f"started {when(row.started_at)}, bytes up {row.bytes_up} down {row.bytes_down}, "
-            f"idle {ago(row.last_activity_at)}"
-        )
     return lines
 
 

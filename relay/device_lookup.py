@@ -3,7 +3,8 @@
 A device of another account is indistinguishable from one that does not exist
 ("Could not find matching clients"), so the menu never reveals what other
 tenants own. Each failure is classified into the seed's error words plus one
-line saying why.
+line saying why; a name that several of the account's devices share is said to
+be ambiguous, with the candidates to pick from by id (SPEC 6.4).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from core.validate import strip_controls
 
 NO_MATCH = "Could not find matching clients"
 NOT_CHECKING_IN = "Client not found. It may not be checking in"
+AMBIGUOUS = "Several clients match that name"
 PAGE_SIZE = 20
+MAX_CANDIDATES = 20
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,13 @@ class LookupFailure:
     error: str
     reason: str
     candidates: tuple[DeviceInfo, ...] = ()
+
+    @property
+    def one_line(self) -> str:
+        """The error on one line, naming the candidates' ids (for a jump's refusal)."""
+        if not self.candidates:
+            return self.error
+        return f"{self.error}: use a device id ({', '.join(d.id for d in self.candidates)})"
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -117,7 +127,7 @@ def resolve(
                 )
             )
             .order_by(Device.id)
-            .limit(21)
+            .limit(MAX_CANDIDATES + 1)
         )
     )
     if not rows:
@@ -126,17 +136,24 @@ def resolve(
     infos = [_info(d, d.id in online) for d in rows]
     exact_id = [d for d in infos if d.id == lowered]
     if len(infos) > 1 and not exact_id:
+        count = f"{len(infos)}" if len(infos) <= MAX_CANDIDATES else f"more than {MAX_CANDIDATES}"
         return LookupFailure(
-            NO_MATCH,
-            f"'{name}' matches {len(infos)} devices; use a device id.",
-            tuple(infos[:20]),
+            AMBIGUOUS,
+            f"'{name}' is the hostname or serial of {count} devices; connect by id:",
+            tuple(infos[:MAX_CANDIDATES]),
         )
     device = exact_id[0] if exact_id else infos[0]
     return classify(device, min_client_version) if check else device
 
 
 def classify(device: DeviceInfo, min_client_version: str) -> DeviceInfo | LookupFailure:
-    """Refuse devices that are not accepted, too old, or never checked in."""
+    """Refuse devices that are not accepted, too old, or never seen at all.
+
+    A live tunnel is proof enough that a device is there: a plain OpenSSH device
+    (`ssh -N -R`) never checks in with the tracker, yet is connectable. A device
+    that checks in but has no tunnel is let through too: the session asks it for
+    one ("Waiting for connection...").
+    """
     if device.status != "accepted":
         return LookupFailure(NO_MATCH, f"Device {device.id} is {device.status}, not accepted.")
     if below_minimum(device.client_version, min_client_version):
@@ -145,9 +162,10 @@ def classify(device: DeviceInfo, min_client_version: str) -> DeviceInfo | Lookup
             NO_MATCH,
             f"Device {device.id} runs client {shown}; the minimum is {min_client_version}.",
         )
-    if device.last_checkin_at is None:
+    if device.last_checkin_at is None and not device.online:
         return LookupFailure(
-            NOT_CHECKING_IN, f"The tracker has never seen device {device.id} check in."
+            NOT_CHECKING_IN,
+            f"The tracker has never seen device {device.id} check in, and it holds no tunnel.",
         )
     return device
 

@@ -87,7 +87,7 @@ class DeviceSession(Generic[Process]):
             self.say(f"Device {self.device.id} did not bring up its tunnel within {timeout:g} s.")
             return Outcome(None, None, "no tunnel")
         session_id = await session_rows.start(
-            self.ctx, self.identity, self.device.id, self.client_ip
+            self.ctx, self.identity, self.device.id, self.client_ip, self.traffic
         )
         outcome = Outcome(None, None, "connect failed")
         recording: Recording | None = None

@@ -143,5 +143,5 @@ class JumpRequests:
             )
         )
         if isinstance(found, device_lookup.LookupFailure):
-            raise Refused(found.error)
+            raise Refused(found.one_line)
         return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from relay import device_actions, device_lookup
+from relay import device_actions, device_listing, device_lookup
 from relay.commands import USAGE, Command
 from relay.device_lookup import DeviceInfo
 
@@ -30,7 +30,7 @@ async def dispatch(menu: MenuSession, command: Command) -> None:
             f"SSH login {menu.login.login} from {ip}; relay {ctx.node_name}"
         )
     elif command.name == "list":
-        for line in await device_actions.list_lines(ctx, who, command.pattern, command.page):
+        for line in await device_listing.list_lines(ctx, who, command.pattern, command.page):
             menu.say(line)
     elif command.name == "connect":
         await menu.connect(command)
@@ -41,7 +41,7 @@ async def dispatch(menu: MenuSession, command: Command) -> None:
         if device is None:
             return
         if command.name == "show":
-            for line in await ctx.db(lambda s: device_actions.show_lines(s, device)):
+            for line in await device_listing.show_lines(ctx, device):
                 menu.say(line)
         elif command.name == "repair":
             await device_actions.repair(ctx, who, device, ip, menu.say)

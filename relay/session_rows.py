@@ -39,7 +39,14 @@ def pin_host_key(session: Session, device_id: str, key_line: str) -> None:
     )
 
 
-async def start(ctx: RelayContext, identity: Identity, device_id: str, client_ip: str) -> str:
+async def start(
+    ctx: RelayContext,
+    identity: Identity,
+    device_id: str,
+    client_ip: str,
+    traffic: Traffic | None = None,
+) -> str:
+    """Write the session row; with `traffic`, `show` reads its live byte counts until `end`."""
     session_id = new_id()
 
     def run(session: Session) -> None:
@@ -66,6 +73,8 @@ async def start(ctx: RelayContext, identity: Identity, device_id: str, client_ip
         )
 
     await ctx.db(run)
+    if traffic is not None:
+        ctx.live.add(session_id, traffic)
     return session_id
 
 
@@ -77,6 +86,8 @@ async def end(
     outcome: Outcome,
     recording_path: str | None,
 ) -> None:
+    ctx.live.remove(session_id)  # first: a failed write below must not leave it listed
+
     def run(session: Session) -> None:
         row = session.get(SshSession, session_id)
         if row is None:

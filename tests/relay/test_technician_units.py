@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from core.db import make_engine, make_sessions, upgrade
 from core.models import Account, Device, Tunnel, utcnow
 from relay.device_lookup import (
+    AMBIGUOUS,
     NO_MATCH,
     NOT_CHECKING_IN,
     PAGE_SIZE,
@@ -196,3 +197,31 @@ def test_penalty_grows_caps_and_decays() -> None:
     clock.now += 3600
     assert limiter.current_penalty("x") < 0.01
     assert timedelta(seconds=delays[-1]) <= timedelta(seconds=PENALTY_CAP)
+
+
+def test_a_live_tunnel_is_proof_enough(session: Session) -> None:
+    """A device that never checked in but holds a tunnel (plain `ssh -R`) is connectable."""
+    _device(session, "nnnnnnnnnn", 1, "openssh-box", last_checkin_at=None, client_version="")
+    session.add(
+        Tunnel(device_id="nnnnnnnnnn", relay_node="n", listen_port=1, peer_ip="1.2.3.4",
+               peer_port=5, transport_port=2200)
+    )  # fmt: skip
+    session.flush()
+    found = resolve(session, account_id=1, name="openssh-box")
+    assert isinstance(found, DeviceInfo) and found.online
+    _device(session, "pppppppppp", 1, "gone-box", last_checkin_at=None)
+    gone = resolve(session, account_id=1, name="gone-box")
+    assert isinstance(gone, LookupFailure) and gone.error == NOT_CHECKING_IN
+    assert "no tunnel" in gone.reason
+
+
+def test_an_ambiguous_name_says_so(session: Session) -> None:
+    """A hostname two devices share is announced as ambiguous, not as 'no matching clients'."""
+    _device(session, "qqqqqqqqqq", 1, "twin")
+    _device(session, "rrrrrrrrrr", 1, "other", serial="twin")
+    found = resolve(session, account_id=1, name="twin")
+    assert isinstance(found, LookupFailure)
+    assert found.error == AMBIGUOUS and found.error != NO_MATCH
+    assert "twin" in found.reason and "2 devices" in found.reason
+    assert [c.id for c in found.candidates] == ["qqqqqqqqqq", "rrrrrrrrrr"]
+    assert found.one_line == f"{AMBIGUOUS}: use a device id (qqqqqqqqqq, rrrrrrrrrr)"
