@@ -17,6 +17,10 @@ from typing import Any
 import asyncssh
 import tomli_w
 
+from core.tls_identity import normalize_fingerprint
+from device_client.endpoints import EndpointError, parse_endpoint
+from device_client.proxy import ProxyError, parse_proxy
+
 DEFAULT_CONFIG_PATH = Path("/etc/rly/client.toml")
 CONFIG_ENV = "RLY_CLIENT_CONFIG"
 TARGETS = ("sshd", "builtin")
@@ -50,6 +54,11 @@ class ClientConfig:
     idle_timeout: float = 600.0
     keepalive_interval: float = 30.0
     keepalive_count: int = 3
+    # ways to reach the relay, in order (empty: relay_hosts x relay_ports, then WebSocket)
+    relay_endpoints: tuple[str, ...] = ()
+    proxy: str = ""  # http://[user:pass@]host:port for HTTP CONNECT (else $HTTPS_PROXY)
+    tls_ca_file: Path | None = None  # pinned CA (or certificate) of the tracker and relay
+    tls_fingerprint: str = ""  # pinned SHA-256 fingerprint of their TLS certificate
 
 
 _REQUIRED = (
@@ -62,6 +71,7 @@ _REQUIRED = (
     "user_ca",
     "state_file",
 )
+_OPTIONAL_EMPTY = ("relay_endpoints", "proxy", "tls_fingerprint")  # not written when empty
 _FIELDS = {field.name for field in dataclasses.fields(ClientConfig)}
 
 
@@ -176,7 +186,46 @@ def config_from_dict(data: dict[str, Any]) -> ClientConfig:
         idle_timeout=_positive(merged, "idle_timeout"),
         keepalive_interval=_positive(merged, "keepalive_interval"),
         keepalive_count=int(_positive(merged, "keepalive_count")),
+        **_transport_settings(merged),
     )
+
+
+def _transport_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """relay_endpoints, proxy and the TLS pin, each checked (no secret in an error)."""
+    endpoints = data["relay_endpoints"]
+    if not isinstance(endpoints, list | tuple) or not all(isinstance(e, str) for e in endpoints):
+        raise _bad("relay_endpoints", "must be a list of URLs (ssh://host:port, wss://host/...)")
+    try:
+        parsed = tuple(str(parse_endpoint(e)) for e in endpoints)
+    except EndpointError as exc:
+        raise _bad("relay_endpoints", f"is wrong: {exc}") from None
+    proxy = data["proxy"]
+    if not isinstance(proxy, str):
+        raise _bad("proxy", "must be a string")
+    if proxy:
+        try:
+            parse_proxy(proxy, "config key 'proxy'")
+        except ProxyError as exc:
+            raise ConfigError(str(exc)) from None
+    fingerprint = data["tls_fingerprint"]
+    if not isinstance(fingerprint, str):
+        raise _bad("tls_fingerprint", "must be a string")
+    if fingerprint:
+        try:
+            fingerprint = normalize_fingerprint(fingerprint)
+        except ValueError as exc:
+            raise _bad("tls_fingerprint", f"is wrong: {exc}") from None
+    ca_file = data["tls_ca_file"]
+    if ca_file is not None and not isinstance(ca_file, str | Path):
+        raise _bad("tls_ca_file", "must be a file path")
+    if ca_file and fingerprint:
+        raise _bad("tls_ca_file", "and tls_fingerprint cannot both be set")
+    return {
+        "relay_endpoints": parsed,
+        "proxy": proxy,
+        "tls_ca_file": Path(ca_file) if ca_file else None,
+        "tls_fingerprint": fingerprint,
+    }
 
 
 def load_config(path: Path) -> ClientConfig:
@@ -199,7 +248,7 @@ def config_to_dict(config: ClientConfig) -> dict[str, Any]:
     """The TOML table for a config (paths as strings, optional keys dropped)."""
     data: dict[str, Any] = {}
     for key, value in dataclasses.asdict(config).items():
-        if value is None:
+        if value is None or (key in _OPTIONAL_EMPTY and not value):
             continue
         if isinstance(value, Path):
             value = str(value)
