@@ -15,6 +15,8 @@ import asyncssh
 import httpx
 
 from core.signing import sign_request
+from device_client.proxy import choose_proxy
+from device_client.tls import TlsTrust, client_context
 
 LONG_POLL_SLACK = 10.0  # seconds of HTTP timeout on top of the long-poll wait
 REQUEST_TIMEOUT = 20.0
@@ -52,6 +54,7 @@ class CheckinReply:
     tunnel_mode: str
     next_checkin: float
     server_time: float
+    action_id: int | None = None  # None: a tracker without acks (nothing to echo)
 
 
 def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -90,6 +93,7 @@ def parse_checkin(data: dict[str, Any]) -> CheckinReply:
         tunnel_mode=_field(data, "tunnel_mode", str),
         next_checkin=float(_field(data, "next_checkin", (int, float))),
         server_time=float(_field(data, "server_time", (int, float))),
+        action_id=_field(data, "action_id", int) if "action_id" in data else None,
     )
 
 
@@ -113,12 +117,24 @@ class TrackerClient:
         device_id: str | None = None,
         key: asyncssh.SSHKey | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        proxy: str = "",
+        trust: TlsTrust | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._device_id = device_id
         self._key = key
         self._last_ms = 0
-        self._http = httpx.AsyncClient(transport=transport, timeout=REQUEST_TIMEOUT)
+        # the same proxy choice and TLS pin as the tunnel; nothing read from the environment
+        # behind our back (no SSL_CERT_FILE, no second reading of HTTPS_PROXY/NO_PROXY)
+        host = httpx.URL(self._base).host
+        via = choose_proxy(proxy, host)
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=REQUEST_TIMEOUT,
+            verify=client_context(trust or TlsTrust()),
+            proxy=via.url_with_credentials() if via else None,
+            trust_env=False,
+        )
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool."""

@@ -90,6 +90,7 @@ class Runner:
         self._report_now = True  # next check-in is answered at once (first, or after a change)
         self._checkin_error: str | None = None
         self._device_status: str | None = None
+        self._acked: int | None = None  # last action id received; None: the tracker has no acks
 
     def _set_want(self, want: bool, *, drop: bool = False) -> None:
         self.want_up = want
@@ -212,7 +213,7 @@ class Runner:
                 "since": state.since,
             },
             "wait": wait,
-        }
+        } | ({} if self._acked is None else {"ack": self._acked})
 
     def _checkin_failed(self, exc: TrackerError) -> None:
         message = str(exc)
@@ -231,8 +232,24 @@ class Runner:
             log.warning("tracker refused this device; dropping the tunnel")
             self._set_want(False, drop=True)
 
+    def _received(self, reply: CheckinReply) -> str:
+        """The reply's action, or "none" when it was received before.
+
+        The tracker sends an action again on every check-in until the device
+        echoes its id as `ack`, so a reply lost with a cancelled long poll
+        (a repair drops the tunnel just then) is not lost; a repeat is ignored.
+        """
+        if reply.action_id is None:
+            return reply.action
+        if reply.action == "none" or reply.action_id == self._acked:
+            self._acked = self._acked or 0
+            return "none"
+        self._acked = reply.action_id
+        return reply.action
+
     def _apply(self, reply: CheckinReply) -> None:
         """Turn a check-in reply into the wanted tunnel state."""
+        action = self._received(reply)
         if self._checkin_error is not None:
             log.info("check-in ok again")
         self._checkin_error = None
@@ -246,14 +263,14 @@ class Runner:
             if self.want_up:
                 self._set_want(False, drop=True)
             return
-        if reply.action != "none":
-            log.info("tracker asks: %s", reply.action)
-        if reply.action == "reconnect":
-            self._set_want(True, drop=True)
-        elif reply.action == "close":
+        if action != "none":
+            log.info("tracker asks: %s", action)
+        if action == "reconnect":  # no tunnel (lost, or connecting): just come back now
+            self._set_want(True, drop=self.tunnel is not None)
+        elif action == "close":
             # persistent devices come straight back; on-demand ones go idle
             self._set_want(self.mode == "persistent", drop=True)
-        elif (reply.action == "open" or self.mode == "persistent") and not self.want_up:
+        elif (action == "open" or self.mode == "persistent") and not self.want_up:
             self._set_want(True)
 
     async def _checkin_once(self) -> CheckinReply | None:
@@ -292,7 +309,7 @@ class Runner:
             self._apply(reply)
             # after an immediate report, go straight back to long-polling
             delay = checkin_delay(reply, time.time()) if self._last_wait else 0.0
-            if reply.action == "none":
+            if reply.action == "none" and self._last_wait:  # a long poll answered at once
                 delay = max(delay, MIN_CHECKIN_GAP - (time.monotonic() - started))
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -15,8 +15,8 @@ path" (SELECT, verify, precise error), and nothing was written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, cast
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import BindParameter, Connection, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
@@ -27,6 +27,7 @@ from tracker.errors import ApiError
 from tracker.schemas import Action, CheckinRequest
 
 ACTIONS: frozenset[str] = frozenset({"open", "close", "reconnect"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 devices = cast(Table, Device.__table__)
 _c = devices.c
@@ -146,14 +147,41 @@ def read_state(session: Session, *, device_id: str) -> DeviceState | None:
     return None if row is None else DeviceState(*row[:4])
 
 
-def take_action(session: Session, *, device_id: str, state: DeviceState) -> Action:
-    """The action due now; a delivered request is cleared unless it changed meanwhile."""
-    return take_action_on(session.connection(), device_id=device_id, state=state)
+class Due(NamedTuple):
+    """The action to send and its id (0 with "none")."""
+
+    action: Action
+    action_id: int
 
 
-def take_action_on(conn: Connection, *, device_id: str, state: DeviceState) -> Action:
+NOTHING_DUE = Due("none", 0)
+
+
+def action_id(request_at: datetime | None) -> int:
+    """A request's id: when it was made, in microseconds (a new request, a new id)."""
+    if request_at is None:
+        return 1
+    return (request_at - _EPOCH) // timedelta(microseconds=1)
+
+
+def take_action(session: Session, *, device_id: str, state: DeviceState, ack: int | None) -> Due:
+    """The action due now (see take_action_on)."""
+    return take_action_on(session.connection(), device_id=device_id, state=state, ack=ack)
+
+
+def take_action_on(conn: Connection, *, device_id: str, state: DeviceState, ack: int | None) -> Due:
+    """The action due now; it is cleared once the device has it, unless it changed meanwhile.
+
+    A device that acks (`ack` not None) has it when it echoes the action's id on
+    a later check-in: until then every check-in carries it again, so an answer
+    lost with a cancelled long poll is not lost. A device without acks has it
+    once it is answered (the old contract).
+    """
     if state.status != "accepted" or state.request not in ACTIONS:
-        return "none"
+        return NOTHING_DUE
+    due = Due(cast(Action, state.request), action_id(state.request_at))
+    if ack is not None and ack != due.action_id:
+        return due
     params = {"p_id": device_id, "p_request": state.request, "p_at": state.request_at}
     conn.execute(_CLEAR_NULL if state.request_at is None else _CLEAR_AT, params)
-    return cast(Action, state.request)
+    return NOTHING_DUE if ack is not None else due

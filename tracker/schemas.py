@@ -17,6 +17,7 @@ from core import validate
 
 MAX_WAIT = 60.0  # the largest tracker.checkin_wait the config accepts
 MAX_KEY_LINE = 8192
+MAX_ACTION_ID = 2**53  # microseconds since the epoch; exact in a JSON number
 
 
 def _printable(field: str, max_length: int, *, allow_empty: bool = False) -> AfterValidator:
@@ -114,6 +115,9 @@ class CheckinRequest(_Strict):
     uptime: Annotated[float, Field(ge=0, le=1e11)]
     tunnel: TunnelReport
     wait: Annotated[float, Field(ge=0, le=MAX_WAIT)] = 0.0
+    # the action_id of the last action received (0: none yet); absent: a client that
+    # predates acks, whose actions are cleared as soon as they are answered
+    ack: Annotated[int, Field(ge=0, le=MAX_ACTION_ID)] | None = None
 
 
 Action = Literal["none", "open", "close", "reconnect"]
@@ -122,6 +126,7 @@ Action = Literal["none", "open", "close", "reconnect"]
 class CheckinReply(BaseModel):
     status: Literal["pending", "accepted", "revoked"]
     action: Action
+    action_id: int  # 0 with action "none"; echoed as `ack` once received
     tunnel_mode: str
     next_checkin: float
     server_time: float

@@ -26,10 +26,9 @@ from core.validate import DEVICE_ID_RE
 from tracker import checkins, registry
 from tracker.auth import SignedRequest, Verifier
 from tracker.batch import BatchWriter
-from tracker.checkins import DeviceState
+from tracker.checkins import DeviceState, Due
 from tracker.errors import ApiError
 from tracker.schemas import (
-    Action,
     CheckinReply,
     CheckinRequest,
     DeviceView,
@@ -45,7 +44,7 @@ class Tracker:
     hub: Hub
     keys: KeyStore
     verifier: Verifier
-    _writer: BatchWriter[tuple[DeviceState, Action] | None] = field(init=False, repr=False)
+    _writer: BatchWriter[tuple[DeviceState, Due] | None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         engine = self.sessions.kw["bind"]
@@ -89,13 +88,14 @@ class Tracker:
             done = await self._writer.run(self._record_known(device_id, report, request, ip))
         if done is None:
             done = await asyncio.to_thread(self._checkin_full, device_id, report, request, ip)
-        state, action = done
+        state, due = done
         wait = min(report.wait, self.settings.tracker.checkin_wait)
-        if action == "none" and wait > 0:
-            state, action = await self._long_poll(device_id, state, wait)
+        if due.action == "none" and wait > 0:
+            state, due = await self._long_poll(device_id, state, wait, report.ack)
         return CheckinReply(
             status="accepted" if state.status == "accepted" else "pending",
-            action=action,
+            action=due.action,
+            action_id=due.action_id,
             tunnel_mode=state.tunnel_mode,
             next_checkin=0.0 if wait > 0 else self.settings.tracker.checkin_interval,
             server_time=time.time(),
@@ -103,7 +103,7 @@ class Tracker:
 
     def _record_known(
         self, device_id: str, report: CheckinRequest, request: SignedRequest, ip: str
-    ) -> Callable[[Connection], tuple[DeviceState, Action] | None]:
+    ) -> Callable[[Connection], tuple[DeviceState, Due] | None]:
         """The fast path as a batch job: verify with the cached key, one UPDATE ... RETURNING.
 
         The job returns None (nothing written) whenever the full path must
@@ -111,7 +111,7 @@ class Tracker:
         stored key that changed, a stale stamp, a revoked or unknown device.
         """
 
-        def job(conn: Connection) -> tuple[DeviceState, Action] | None:
+        def job(conn: Connection) -> tuple[DeviceState, Due] | None:
             known = self.verifier.verify_known(device_id=device_id, request=request)
             if known is None:
                 return None
@@ -121,13 +121,14 @@ class Tracker:
             )
             if state is None:
                 return None
-            return state, checkins.take_action_on(conn, device_id=device_id, state=state)
+            due = checkins.take_action_on(conn, device_id=device_id, state=state, ack=report.ack)
+            return state, due
 
         return job
 
     def _checkin_full(
         self, device_id: str, report: CheckinRequest, request: SignedRequest, ip: str
-    ) -> tuple[DeviceState, Action]:
+    ) -> tuple[DeviceState, Due]:
         """Read the device, verify, refuse precisely (nothing written), or record."""
         with self.sessions() as session, session.begin():
             state, stamp = checkins.authenticate(
@@ -136,33 +137,34 @@ class Tracker:
             if report.device_id != device_id:
                 raise ApiError(400, f"device_id does not match the {HEADER_DEVICE} header")
             checkins.record_checkin(session, device_id=device_id, stamp=stamp, report=report, ip=ip)
-            return state, checkins.take_action(session, device_id=device_id, state=state)
+            due = checkins.take_action(session, device_id=device_id, state=state, ack=report.ack)
+            return state, due
 
     async def _long_poll(
-        self, device_id: str, first: DeviceState, wait: float
-    ) -> tuple[DeviceState, Action]:
+        self, device_id: str, first: DeviceState, wait: float, ack: int | None
+    ) -> tuple[DeviceState, Due]:
         """Wait for a wake-up that brings an action or a status change; re-read at the end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while (left := deadline - loop.time()) > 0:
             if not await self.hub.wait(f"device:{device_id}", left):
                 break
-            state, action = await asyncio.to_thread(self._poll, device_id)
-            if action != "none" or (state.status, state.tunnel_mode) != (
+            state, due = await asyncio.to_thread(self._poll, device_id, ack)
+            if due.action != "none" or (state.status, state.tunnel_mode) != (
                 first.status,
                 first.tunnel_mode,
             ):
-                return state, action
-        return await asyncio.to_thread(self._poll, device_id)
+                return state, due
+        return await asyncio.to_thread(self._poll, device_id, ack)
 
-    def _poll(self, device_id: str) -> tuple[DeviceState, Action]:
+    def _poll(self, device_id: str, ack: int | None) -> tuple[DeviceState, Due]:
         with self.sessions() as session, session.begin():
             state = checkins.read_state(session, device_id=device_id)
             if state is None:
                 raise ApiError(404, "unknown device")
             if state.status == "revoked":
                 raise ApiError(403, "device revoked")
-            return state, checkins.take_action(session, device_id=device_id, state=state)
+            return state, checkins.take_action(session, device_id=device_id, state=state, ack=ack)
 
     # -- a device's own view ---------------------------------------------------
 

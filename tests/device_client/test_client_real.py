@@ -11,19 +11,25 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from core.models import Tunnel
 from device_client.config import load_config
 from tests.e2e.stack import CLIENT, Stack, wait_for
+from tests.relay.test_technician_support import TechDb, approve
 from tests.support.procs import ManagedProcess, ProcessFactory
 from tests.support.rly_server import RlyFactory
 from tests.support.sshd import SshdFactory
+from tests.support.technician import TechnicianFactory
 
 pytestmark = pytest.mark.slow
+REPAIR = {"connect_timeout": "5s"}  # what a repair may take before it reports failure
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO device_client")
 
 
@@ -32,6 +38,7 @@ class World:
     stack: Stack
     processes: ProcessFactory
     workdir: Path
+    db: TechDb
 
     def cli(self, *args: str, cwd: Path | None = None) -> ManagedProcess:
         """Run `rly-client ARGS` to completion (60 s at most)."""
@@ -46,11 +53,14 @@ class World:
             "--config", config, "--target", "builtin", *extra, cwd=cwd,
         )  # fmt: skip
 
-    def run(self, config: Path, cwd: Path | None = None) -> ManagedProcess:
+    def run(
+        self, config: Path, cwd: Path | None = None, backoff_cap: str | None = "1"
+    ) -> ManagedProcess:
+        """`rly-client run`; backoff_cap None keeps the real one (returns spread over 40 s)."""
         return self.processes(
             [*CLIENT, "run", "--config", str(config)],
             name="rly-client-run",
-            env={"RLY_CLIENT_BACKOFF_CAP": "1"},
+            env={"RLY_CLIENT_BACKOFF_CAP": backoff_cap} if backoff_cap else {},
             cwd=cwd or self.workdir,
         )
 
@@ -60,12 +70,18 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """One `rly serve` with account acme (keepalive 2 s) for the whole module."""
+    """One `rly serve` with account acme and portal user alice, for the whole module."""
     workdir = tmp_path_factory.mktemp("client-real")
     servers, processes, sshds = RlyFactory(workdir), ProcessFactory(workdir), SshdFactory(workdir)
     try:
-        config = {"relay": {"keepalive_interval": "2s", "keepalive_count": 2}}
-        yield World(Stack(servers(config=config), processes, sshds, workdir), processes, workdir)
+        config = {"relay": {"keepalive_interval": "2s", "keepalive_count": 2, **REPAIR}}
+        stack = Stack(servers(config=config), processes, sshds, workdir)
+        db = TechDb(stack.server.data_dir)
+        try:
+            db.add_user("alice", "acme")
+            yield World(stack, processes, workdir, db)
+        finally:
+            db.close()
     finally:
         processes.stop_all()
         servers.stop_all()
@@ -205,3 +221,30 @@ def test_log_lines_carry_timestamps_unless_stderr_is_the_journal(world: World) -
     assert STAMP.match(plain), plain
     journal = _first_log_line(world, site / "client.toml", journal=True)
     assert journal.startswith("INFO device_client.runner: rly-client "), journal
+
+
+def test_repair_brings_the_tunnel_back_in_a_round_trip_every_time(
+    world: World, technician_factory: TechnicianFactory
+) -> None:
+    """The menu's repair has a new tunnel up within 2 s, 5 times of 5: the reconnect is not lost."""
+    site = _fresh_dir(world, "repair")
+    device_id = _device_id(world.enroll(str(site / "client.toml")))
+    world.run(site / "client.toml", backoff_cap=None)  # a lost request would wait up to 40 s
+    tunnel = world.stack.wait_online(device_id)
+    tech = technician_factory(world.stack.server.technician_port)
+    approve(tech, world.db, "alice")
+    for attempt in range(5):
+        started = time.monotonic()
+        tech.sendline(f"repair {device_id}")
+        outcome = tech.expect(r"Repaired: a new tunnel is up\.|Repair failed[^\r\n]*", timeout=10)
+        took = time.monotonic() - started
+        assert outcome.group(0).startswith("Repaired"), f"attempt {attempt + 1}: {outcome.group(0)}"
+        assert took < 2.0, f"attempt {attempt + 1} took {took:.1f}s"
+        tunnel = wait_for(partial(_newer_tunnel, world, device_id, tunnel.id), 5, "new tunnel")
+    acked = wait_for(lambda: world.stack.device_row(device_id).tunnel_request is None, 5, "ack")
+    assert acked  # the device echoed the last reconnect's id, so the tracker cleared it
+
+
+def _newer_tunnel(world: World, device_id: str, old_id: int) -> Tunnel | None:
+    tunnel = world.stack.open_tunnel(device_id)
+    return tunnel if tunnel is not None and tunnel.id != old_id else None
