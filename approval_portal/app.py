@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 
-from approval_portal import admin, approval_page, routes, totp_enrol
+from approval_portal import admin, approval_page, audit_pages, pages, routes, totp_enrol
 from approval_portal.context import HERE, Portal, make_portal
 from approval_portal.deps import Forbidden, LoginRequired
 from approval_portal.security import SecurityHeaders
@@ -43,6 +43,9 @@ def create_app(
     portal = make_portal(settings, sessions, hub, clock)
     app.state.portal = portal
     for router in (routes.router, approval_page.router, totp_enrol.router, admin.router):
+        app.include_router(router)
+    app.include_router(audit_pages.router)
+    for router in pages.routers():  # dashboard, devices, sessions, tokens, users
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_error_pages(app, portal)

@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -62,6 +63,8 @@ class Account(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # 0005: a key login must be approved by someone other than the key's owner
+    second_approver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class User(Base):
@@ -155,6 +158,8 @@ class Tunnel(Base):
     peer_port: Mapped[int] = mapped_column(Integer)
     transport_port: Mapped[int] = mapped_column(Integer)
     client_version: Mapped[str] = mapped_column(String(128), default="")
+    # 0004: how the tunnel travels: ssh, ssh+connect, wss, wss+connect (ws without TLS)
+    transport: Mapped[str] = mapped_column(String(16), default="ssh", server_default="ssh")
     connected_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_keepalive_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
@@ -179,6 +184,29 @@ class Approval(Base):
     decided_at: Mapped[datetime | None] = mapped_column(default=None)
     decided_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), default=None)
     account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id"), default=None)
+    # 0005: the SSH key of a key login, and how it was decided: portal | cli | cache
+    key_fingerprint: Mapped[str | None] = mapped_column(String(128), default=None)
+    decided_via: Mapped[str] = mapped_column(String(16), default="portal", server_default="portal")
+
+
+class ApprovalGrant(Base):
+    """A remembered approval (relay.approval_cache): the same key, user and address may
+    reconnect until `expires_at` without a new approval, unless revoked (0005)."""
+
+    __tablename__ = "approval_grants"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    approval_id: Mapped[int | None] = mapped_column(ForeignKey("approvals.id"), default=None)
+    ssh_login: Mapped[str] = mapped_column(String(64))
+    key_fingerprint: Mapped[str] = mapped_column(String(128))
+    client_ip: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_by: Mapped[str | None] = mapped_column(String(128), default=None)
 
 
 class SshSession(Base):
@@ -202,6 +230,24 @@ class SshSession(Base):
     close_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     closed_by: Mapped[str | None] = mapped_column(String(128), default=None)  # 0006: who asked
     recording_path: Mapped[str | None] = mapped_column(String(512), default=None)
+    path: Mapped[str] = mapped_column(String(8), default="tunnel")  # 0003: "data" or "tunnel"
+
+
+class DataConnection(Base):
+    """A single-use ticket for one session's data connection (0003; only its SHA-256 is kept)."""
+
+    __tablename__ = "data_connections"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ticket_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    session_id: Mapped[str] = mapped_column(String(32), index=True)
+    relay_node: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    peer_ip: Mapped[str] = mapped_column(String(64), default="")
+    peer_port: Mapped[int] = mapped_column(Integer, default=0)
+    transport_port: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class AuditEvent(Base):
@@ -214,6 +260,10 @@ class AuditEvent(Base):
     target: Mapped[str] = mapped_column(String(256), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
     source_ip: Mapped[str] = mapped_column(String(64), default="")
+    # the hash chain (core.audit): position, the previous row's hash, this row's hash
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    row_hash: Mapped[str] = mapped_column(String(64))
 
 
 class AllowlistEntry(Base):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from core.approvals import close_pending, create_approval
+from core.metrics import inc
 from core.models import Approval, User
 from relay.context import RelayContext
 
@@ -161,4 +162,5 @@ class ApprovalGate:
         changed = await self.ctx.db(run)
         if changed:
             log.info("approval %s id=%d", status, approval_id)
+            inc("rly_approvals_total", outcome=status)  # expired / abandoned: decided here
         return changed

@@ -22,7 +22,7 @@ import asyncssh
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, metrics
 from core.models import utcnow
 from core.validate import strip_controls
 from relay.context import RelayContext
@@ -290,6 +290,7 @@ class DeviceServer(asyncssh.SSHServer):
         return insert_tunnel_row(session, tunnel, self._ctx.node_name), None
 
     def _register(self, tunnel: DeviceTunnel) -> None:
+        metrics.inc("rly_tunnels_opened_total")
         self._tunnel = tunnel
         old = self._ctx.tunnels.add(tunnel)
         if old is not None and old is not tunnel:
@@ -336,6 +337,7 @@ class DeviceServer(asyncssh.SSHServer):
         view = self._device or self._view
         log.info("device request refused device=%s request=%s", view.id if view else "-", request)
         self._refused += 1
+        metrics.inc("rly_refused_requests_total", port="device")
         if self._refused <= self._ctx.settings.relay.max_channels_per_connection:
             self._audit("device.refused_request", view, request)
         else:

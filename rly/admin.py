@@ -19,6 +19,7 @@ from core.db import check_connection, make_engine, make_sessions, upgrade
 from core.keys import ensure_private_dir
 from core.models import Account, AuditEvent, Device, utcnow
 from core.validate import InvalidInput, strip_controls
+from rly import console_admin
 
 ACTOR = "cli"
 Common = Callable[[argparse.ArgumentParser], None]
@@ -77,6 +78,7 @@ def add_admin_parsers(sub: Any, common: Common) -> None:
     p.add_argument("--since", default="24h")
     p.add_argument("--limit", type=int, default=1000)
     common(p)
+    console_admin.add_parsers(sub, acc, p, common)
 
 
 def open_sessions(settings: Settings) -> Any:
@@ -91,11 +93,12 @@ def open_sessions(settings: Settings) -> Any:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    handler = HANDLERS[(args.command, getattr(args, "action", None))]
+    key = (args.command, getattr(args, "action", None))
+    handler: console_admin.Handler = HANDLERS.get(key) or console_admin.HANDLERS[key]
     sessions = open_sessions(settings)
     with sessions() as session, session.begin():
-        handler(session, args, settings)
-    return 0
+        status = handler(session, args, settings)
+    return status or 0
 
 
 def _account_add(session: Session, args: argparse.Namespace, _s: Settings) -> None:

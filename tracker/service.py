@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import metrics
 from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
@@ -61,6 +62,7 @@ class Tracker:
         with self.sessions() as session, session.begin():
             device = registry.enroll(session, body=body, tunnel_mode=mode, source_ip=source_ip)
             hosts, ports = registry.relay_endpoints(session)
+        metrics.inc("rly_enrollments_total")  # committed
         relay = self.settings.relay
         return EnrollReply(
             device_id=device.id,
@@ -89,6 +91,7 @@ class Tracker:
         if done is None:
             done = await asyncio.to_thread(self._checkin_full, device_id, report, request, ip)
         state, due = done
+        metrics.inc("rly_checkins_total")  # verified and recorded
         wait = min(report.wait, self.settings.tracker.checkin_wait)
         if due.action == "none" and wait > 0:
             state, due = await self._long_poll(device_id, state, wait, report.ack)
