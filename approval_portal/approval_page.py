@@ -17,7 +17,7 @@ from approval_portal.auth import Viewer
 from approval_portal.context import Portal, PortalDep
 from approval_portal.deps import Forbidden, PageViewer, PostViewer
 from approval_portal.security import client_ip
-from core import approvals
+from core import approvals, metrics
 from core.models import Approval, User, utcnow
 
 router = APIRouter()
@@ -88,4 +88,5 @@ def decide(
         except approvals.ApprovalError as exc:  # lost a race: nothing was written
             return _refuse(request, portal, 409, str(exc))
     portal.hub.notify(f"approval:{approval.id}")
+    metrics.inc("rly_approvals_total", outcome=approval.status)  # committed above
     return portal.render(request, "approve_done.html", {"approval": approval})

@@ -1,7 +1,10 @@
 """Process-wide counters rendered in the Prometheus text format at /metrics.
 
 Counters are plain integers behind a lock: a check-in or an approval bumps one
-number, nothing on the hot path allocates. Gauges that live in the database
+number, nothing on the hot path allocates. Each is counted where the event is
+decided, after its transaction commits, so a process counts only its own
+events (a `--only tracker` node its check-ins, a relay its logins and
+sessions); sum over nodes for the fleet. Gauges that live in the database
 (open tunnels, live sessions, pending approvals) are read when scraped.
 """
 
@@ -13,12 +16,14 @@ from collections import defaultdict
 _lock = threading.Lock()
 _counters: dict[str, int] = defaultdict(int)
 HELP = {
-    "rly_checkins_total": "signed device check-ins answered",
-    "rly_enrollments_total": "devices enrolled",
-    "rly_approvals_total": "approval decisions by outcome",
-    "rly_sessions_total": "device sessions opened",
-    "rly_tunnels_opened_total": "device tunnels opened on this process",
-    "rly_refused_requests_total": "SSH requests refused by policy",
+    "rly_checkins_total": "signed device check-ins verified and recorded (tracker)",
+    "rly_enrollments_total": "devices enrolled (tracker)",
+    "rly_approvals_total": "approval decisions by outcome (portal: approved/rejected; relay: "
+    "expired/abandoned)",
+    "rly_logins_total": "technician SSH logins by result (relay)",
+    "rly_sessions_total": "device sessions opened (relay)",
+    "rly_tunnels_opened_total": "device tunnels opened (relay)",
+    "rly_refused_requests_total": "SSH requests refused by policy, by port (relay)",
 }
 
 

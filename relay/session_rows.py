@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, metrics
 from core.devices import request_tunnel as core_request_tunnel
 from core.models import Device, SshSession, utcnow
 from core.session_close import CLOSED_BY_REQUEST, close_reason
@@ -73,6 +73,7 @@ async def start(
         )
 
     await ctx.db(run)
+    metrics.inc("rly_sessions_total")
     if traffic is not None:
         ctx.live.add(session_id, traffic)
     return session_id

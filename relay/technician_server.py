@@ -24,7 +24,7 @@ import asyncssh
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import audit
+from core import audit, metrics
 from core.models import User, UserKey
 from relay.approval_gate import ApprovalGate, Pending
 from relay.context import RelayContext
@@ -95,6 +95,7 @@ class TechnicianServer(asyncssh.SSHServer):
         self.conn.set_extra_info(rly_login=info)
         method = "publickey" if self.required_user_id is not None else "gate password"
         self._audit("technician.login", username, f"ok method={method} client={version[:100]}")
+        metrics.inc("rly_logins_total", port="technician", result="ok")
 
     # -- authentication --------------------------------------------------------
 
@@ -176,6 +177,7 @@ class TechnicianServer(asyncssh.SSHServer):
 
     async def _failed(self, username: str, method: str) -> None:
         delay = self.limiter.failure(self.client_ip)
+        metrics.inc("rly_logins_total", port="technician", result="failed")
         self._audit("technician.login_failed", username, f"method={method} delay={delay:.2f}s")
         await asyncio.sleep(delay)
 
@@ -244,6 +246,7 @@ class TechnicianServer(asyncssh.SSHServer):
     def _refused(self, what: str) -> None:
         username = str(self.conn.get_extra_info("username") or "") if self.conn else ""
         log.info("technician request refused what=%s from=%s", what, self.client_ip)
+        metrics.inc("rly_refused_requests_total", port="technician")
         self._audit("technician.refused_request", username, what)
 
     def _audit(self, action: str, actor: str, detail: str) -> None:
