@@ -374,6 +374,21 @@ def _session_handler(
     return handle
 
 
+class ExitStatusSFTPServer(asyncssh.SFTPServer):
+    """The builtin sftp subsystem, reporting exit status 0 when the session ends.
+
+    asyncssh's SFTP server closes the channel without an exit status, which
+    OpenSSH's scp reads as a failure (exit 1) although the file arrived;
+    OpenSSH's own sftp-server exits 0 when the client closes its end.
+    `exit()` is asyncssh's public end-of-session hook.
+    """
+
+    def exit(self) -> None:
+        super().exit()
+        with contextlib.suppress(OSError):  # the channel is gone already: nobody to tell
+            self.channel.exit(0)
+
+
 def load_host_key(path: Path) -> asyncssh.SSHKey:
     """The builtin server's host key, generated at enrollment."""
     return asyncssh.read_private_key(str(path))
@@ -388,7 +403,7 @@ async def serve_builtin(
     options: dict[str, Any] = {
         "server_host_keys": [load_host_key(config.host_key_file)],
         "process_factory": _session_handler(config.login_user),
-        "sftp_factory": True,  # scp and sftp through ProxyJump (SPEC §6.7)
+        "sftp_factory": ExitStatusSFTPServer,  # scp and sftp through ProxyJump (SPEC §6.7)
         "encoding": None,
         "allow_scp": False,
         "agent_forwarding": False,

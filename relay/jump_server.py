@@ -78,7 +78,7 @@ class JumpDeviceSession(DeviceSession[asyncssh.SSHServerProcess[bytes]]):
         reason = await self._first_end(pump.run(), session_id, tech.channel.wait_closed())
         if reason == "exit":
             await upstream.wait_closed()
-        return _outcome(reason, upstream)
+        return _outcome(reason, upstream, conn)
 
     def _start_recording(self, session_id: str) -> Recording | None:
         """Terminal use is recorded; file transfers (sftp, scp) are not terminal output."""
@@ -88,12 +88,16 @@ class JumpDeviceSession(DeviceSession[asyncssh.SSHServerProcess[bytes]]):
         return super()._start_recording(session_id)
 
 
-def _outcome(reason: str, upstream: asyncssh.SSHClientProcess[bytes]) -> Outcome:
+def _outcome(
+    reason: str, upstream: asyncssh.SSHClientProcess[bytes], conn: asyncssh.SSHClientConnection
+) -> Outcome:
     if reason != "exit":
         return Outcome(None, None, reason)
     if upstream.exit_signal is not None:
         return Outcome(None, upstream.exit_signal[0], f"signal {upstream.exit_signal[0]}")
     if upstream.exit_status is None or upstream.exit_status < 0:
+        if not conn.is_closed():  # the device closed the channel itself: EOF, close, no status
+            return Outcome(0, None, "closed")  # e.g. an older rly-client's builtin sftp server
         return Outcome(None, None, "connection to the device lost")
     return Outcome(upstream.exit_status, None, f"exit {upstream.exit_status}")
 

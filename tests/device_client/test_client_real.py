@@ -17,12 +17,17 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import asyncssh
 import pytest
+from sqlalchemy import select
 
-from core.models import Tunnel
+from core.models import Account, AuditEvent, SshSession, Tunnel
 from device_client.config import load_config
+from tests.adversarial.loop_server import Listener, LoopServer
 from tests.e2e.stack import CLIENT, Stack, wait_for
-from tests.relay.test_technician_support import TechDb, approve
+from tests.relay.device_port_support import host_ca_public, new_key
+from tests.relay.test_jump import Transfer
+from tests.relay.test_technician_support import TechDb, approve, device_tunnel
 from tests.support.procs import ManagedProcess, ProcessFactory
 from tests.support.rly_server import RlyFactory
 from tests.support.sshd import SshdFactory
@@ -248,3 +253,119 @@ def test_repair_brings_the_tunnel_back_in_a_round_trip_every_time(
 def _newer_tunnel(world: World, device_id: str, old_id: int) -> Tunnel | None:
     tunnel = world.stack.open_tunnel(device_id)
     return tunnel if tunnel is not None and tunnel.id != old_id else None
+
+
+def _jump_config(world: World, directory: Path) -> Path:
+    """An OpenSSH client config: host `relay` is the technician port; host keys CA-verified."""
+    known = directory / "known_hosts"
+    known.write_text(f"@cert-authority * {host_ca_public(world.stack.server.data_dir)}\n")
+    config = directory / "ssh_config"
+    config.write_text(
+        f"Host relay\n  HostName 127.0.0.1\n  Port {world.stack.server.technician_port}\n"
+        f"  User partner\nHost *\n  UserKnownHostsFile {known}\n"
+        "  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n"
+        "  PubkeyAuthentication no\n  NumberOfPasswordPrompts 1\n"
+    )
+    return config
+
+
+def _scp_both_ways(world: World, device_id: str, directory: Path) -> None:
+    """scp (SFTP protocol) a file up to the device and back; both exit 0, the bytes intact."""
+    config = _jump_config(world, directory)
+    payload = os.urandom(300_000)
+    local, remote, back = directory / "up.bin", directory / "on-device.bin", directory / "down.bin"
+    local.write_bytes(payload)
+    scp = ["/usr/bin/scp", "-F", str(config), "-J", "relay"]
+    for source, destination in ((str(local), f"root@{device_id}:{remote}"),
+                                (f"root@{device_id}:{remote}", str(back))):  # fmt: skip
+        transfer = Transfer([*scp, source, destination])
+        transfer.approve(world.db)
+        status, out = transfer.finish()
+        assert status == 0, out
+    assert remote.read_bytes() == payload
+    assert back.read_bytes() == payload
+
+
+def _end_reasons(world: World, device_id: str) -> tuple[list[str | None], list[str]]:
+    """The ended sessions' reasons and the session.end audit details, once two have ended."""
+    rows = wait_for(lambda: _ended_sessions(world, device_id, 2), 10, "two ended sessions")
+    with world.stack.db() as s:
+        details = list(
+            s.scalars(
+                select(AuditEvent.detail).where(
+                    AuditEvent.action == "session.end", AuditEvent.target == device_id
+                )
+            )
+        )
+    return [row.end_reason for row in rows], details
+
+
+def _ended_sessions(world: World, device_id: str, count: int) -> list[SshSession] | None:
+    with world.stack.db() as s:
+        rows = list(
+            s.scalars(
+                select(SshSession).where(
+                    SshSession.device_id == device_id, SshSession.ended_at.is_not(None)
+                )
+            )
+        )
+    return rows if len(rows) >= count else None
+
+
+def test_scp_to_a_builtin_target_exits_0_and_says_so(world: World, tmp_path: Path) -> None:
+    """OpenSSH scp -J to a builtin target exits 0 both ways, file intact, sessions end 'exit 0'."""
+    site = _fresh_dir(world, "scp")
+    device_id = _device_id(world.enroll(str(site / "client.toml")))
+    world.run(site / "client.toml")
+    world.stack.wait_online(device_id)
+    _scp_both_ways(world, device_id, tmp_path)
+    reasons, details = _end_reasons(world, device_id)
+    assert reasons == ["exit 0", "exit 0"]
+    assert len(details) == 2 and all(d.endswith("reason=exit 0") for d in details), details
+
+
+class _AnyCertificate(asyncssh.SSHServer):
+    """Lets the relay's certificate in (this target tests the relay, not its own auth)."""
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return True
+
+
+class StockSftpTarget(LoopServer):
+    """A device target whose sftp subsystem ends with no exit status (stock asyncssh)."""
+
+    def __init__(self) -> None:
+        super().__init__("stock-sftp-target")
+
+    async def _listen(self) -> Listener:
+        return await asyncssh.listen(
+            "127.0.0.1",
+            0,
+            server_factory=_AnyCertificate,
+            server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+            sftp_factory=True,
+            config=None,
+        )
+
+
+def test_device_closing_a_channel_cleanly_without_exit_status_is_a_clean_end(
+    world: World, tmp_path: Path
+) -> None:
+    """A device ending sftp with EOF and close but no exit status: scp exits 0, reason closed."""
+    with world.stack.db() as s:
+        account_id = s.scalars(select(Account.id).where(Account.name == "acme")).one()
+    key = new_key()
+    device_id = world.db.add_named_device(account_id, hostname="stock-sftp", key=key)
+    with StockSftpTarget() as target:
+        device_tunnel(world.processes, world.stack.server, device_id, key, target.port)
+        world.stack.wait_online(device_id)
+        _scp_both_ways(world, device_id, tmp_path)
+    reasons, details = _end_reasons(world, device_id)
+    assert reasons == ["closed", "closed"]
+    assert len(details) == 2 and all(d.endswith("reason=closed") for d in details), details
