@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from approval_portal.pages import formatting
 from approval_portal.ratelimit import SlidingWindow
 from core.config import Settings
 from core.hub import Hub
@@ -72,6 +73,7 @@ def make_templates() -> Jinja2Templates:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["utc"] = _format_time
+    env.filters.update(formatting.FILTERS)  # short/exact/ago/since/bytes (pages/formatting.py)
     return Jinja2Templates(env=env)
 
 

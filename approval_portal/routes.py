@@ -1,4 +1,4 @@
-"""Login, logout and the dashboard.
+"""Login and logout (the dashboard is approval_portal.pages.dashboard).
 
 Login is one form (username, password, 6-digit code). A user who has not
 enrolled TOTP yet leaves the code empty and is sent to /enrol after the
@@ -13,13 +13,11 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import func, select
 
 from approval_portal.auth import Outcome, login, revoke_session
 from approval_portal.context import PortalDep
 from approval_portal.deps import (
     AnyViewer,
-    OptionalViewer,
     PostViewer,
     clear_cookie,
     cookie_names,
@@ -27,7 +25,6 @@ from approval_portal.deps import (
 )
 from approval_portal.security import client_ip, safe_next, same_token
 from core import audit
-from core.models import Device, SshSession, Tunnel
 
 router = APIRouter()
 LOGIN_FORM_TTL = 3600
@@ -116,28 +113,3 @@ def logout(request: Request, portal: PortalDep, viewer: PostViewer) -> Response:
     response = _redirect("/login")
     clear_cookie(portal, response, cookie_names(portal)[0])
     return response
-
-
-@router.get("/")
-def dashboard(request: Request, portal: PortalDep, viewer: OptionalViewer) -> Response:
-    if viewer is None:
-        return _redirect("/login")
-    scope = [] if viewer.is_superadmin else [Device.account_id == viewer.account_id]
-    with portal.sessions() as session:
-        devices = session.scalar(select(func.count()).select_from(Device).where(*scope)) or 0
-        online = session.scalar(
-            select(func.count(func.distinct(Tunnel.device_id)))
-            .join(Device, Device.id == Tunnel.device_id)
-            .where(Tunnel.closed_at.is_(None), *scope)
-        )
-        pending = session.scalar(
-            select(func.count()).select_from(Device).where(Device.status == "pending", *scope)
-        )
-        live = session.scalar(
-            select(func.count())
-            .select_from(SshSession)
-            .join(Device, Device.id == SshSession.device_id)
-            .where(SshSession.ended_at.is_(None), *scope)
-        )
-    counts = {"devices": devices, "online": online, "pending": pending, "sessions": live}
-    return portal.render(request, "dashboard.html", {"counts": counts})

@@ -60,12 +60,16 @@ def test_devices_page_shows_state_and_only_own_account(env: PortalEnv) -> None:
                 transport_port=2200,
             )
         )
+        s.get_one(Device, "dev0000002").last_checkin_at = utcnow() - timedelta(hours=1)
+    _device(env, "dev0000004", acme, "accepted")  # never checked in
     page = client.http.get("/devices").text
-    assert "SHA256:dev0000001" in page
     assert "state-online" in page
     assert "state-offline" in page
     assert "state-pending" in page
+    assert "never checked in" in page
     assert "dev0000009" not in page
+    assert "SHA256:dev0000001" in client.http.get("/devices/dev0000001").text
+    assert client.http.get("/devices/dev0000009").status_code == 404
 
 
 def test_admin_accepts_and_revokes_devices(env: PortalEnv) -> None:
@@ -73,7 +77,7 @@ def test_admin_accepts_and_revokes_devices(env: PortalEnv) -> None:
     client, acme = _client(env, "alice", role="admin")
     _device(env, "dev0000001", acme)
     assert client.post("/devices/dev0000001/accept").status_code == 303
-    assert client.post("/devices/dev0000001/revoke").status_code == 303
+    assert client.post("/devices/dev0000001/revoke", {"confirm": "yes"}).status_code == 303
     with env.sessions() as s:
         assert s.scalar(select(Device.status)) == "revoked"
     assert env.hub.topics == ["device:dev0000001", "device:dev0000001"]
@@ -116,13 +120,16 @@ def test_admin_edits_allowlist(env: PortalEnv) -> None:
 
 
 def test_sessions_page_lists_account_sessions(env: PortalEnv) -> None:
-    """The sessions page shows the account's SSH sessions, active ones marked."""
+    """The sessions page shows the technician's own SSH sessions, live ones with Terminate."""
     client, acme = _client(env, "alice")
+    with env.sessions() as s:
+        alice_id = s.scalar(select(User.id).where(User.username == "alice"))
     _device(env, "dev0000001", acme, "accepted")
     with env.sessions() as s, s.begin():
         s.add(
             SshSession(
                 id="sess000001",
+                user_id=alice_id,
                 username="alice",
                 account_id=acme,
                 device_id="dev0000001",
@@ -132,4 +139,4 @@ def test_sessions_page_lists_account_sessions(env: PortalEnv) -> None:
         )
     page = client.http.get("/sessions").text
     assert "sess000001" in page
-    assert "active" in page
+    assert "/sessions/sess000001/terminate" in page

@@ -1,0 +1,14 @@
+"""The operations pages: dashboard, devices, live sessions, enrollment tokens, users.
+
+One router per page family; approval_portal.app includes `routers()`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+
+def routers() -> list[APIRouter]:
+    from approval_portal.pages import dashboard, devices, sessions, tokens, users
+
+    return [dashboard.router, devices.router, sessions.router, tokens.router, users.router]
