@@ -13,7 +13,7 @@ import segno
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import accounts, devices, totp
+from core import accounts, devices, enroll_tokens, totp
 from core.config import Settings, parse_duration, with_bound_http_port
 from core.db import check_connection, make_engine, make_sessions, upgrade
 from core.keys import ensure_private_dir
@@ -180,7 +180,7 @@ def _token_create(session: Session, args: argparse.Namespace, settings: Settings
     )
     print("install command:")
     tracker = with_bound_http_port(settings, settings.http.port).http.public_url
-    print(f"  rly-client enroll --tracker {tracker} --token {token} && rly-client install-service")
+    print(f"  {enroll_tokens.install_command(tracker, token)}")  # the portal shows the same line
 
 
 def _device_list(session: Session, args: argparse.Namespace, _s: Settings) -> None:
