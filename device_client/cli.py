@@ -152,7 +152,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         reply = asyncio.run(_enroll_request(args, key, host_key))
     except TrackerError as exc:
         if reused and exc.status_code == 409:
-            raise CliError(f"{exc}; pass --new-key to enroll {files.key} as a new device") from None
+            raise CliError(f"{exc}; pass --new-key to replace {files.key} (a new device)") from None
         raise
     config = config_from_dict(
         config_to_dict(

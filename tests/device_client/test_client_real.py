@@ -140,7 +140,7 @@ def test_enrolling_a_config_again_reuses_its_key_or_takes_new_key(world: World) 
     assert again.returncode == 2
     assert f"using the existing device key {site / 'client.key'}" in again.stdout
     assert again.stderr.count("\n") == 1
-    assert "this device key is already enrolled; pass --new-key" in again.stderr
+    assert f"already enrolled; pass --new-key to replace {site / 'client.key'}" in again.stderr
     assert load_config(config).device_id == _device_id(first)  # nothing was rewritten
     fresh = world.enroll(str(config), "--new-key")
     assert fresh.returncode == 0, fresh.output
