@@ -100,6 +100,7 @@ class PortalSettings:
 class Settings:
     data_dir: Path = Path("./rly-data")
     database_url: str = ""
+    database_notify: bool = True  # PostgreSQL LISTEN/NOTIFY for events; false: poll every 0.3 s
     log_level: str = "info"
     relay: RelaySettings = field(default_factory=RelaySettings)
     http: HttpSettings = field(default_factory=HttpSettings)

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.events import publish
 from core.models import AllowlistEntry, Device, EnrollToken, Tunnel, utcnow
 from core.validate import InvalidInput
 
@@ -64,6 +65,7 @@ def request_tunnel(session: Session, device: Device, request: str | None) -> Non
     """Record what the device (and its relay) must do next; the change feed carries it."""
     device.tunnel_request = request
     device.tunnel_request_at = utcnow()
+    publish(session, f"device:{device.id}")
 
 
 def accept_device(session: Session, *, device_id: str, actor: str, source_ip: str = "") -> Device:
@@ -167,3 +169,4 @@ def _recheck_tunnels(session: Session, account_id: int) -> None:
         device = session.get(Device, device_id)
         if device is not None:
             device.tunnel_request_at = utcnow()
+            publish(session, f"device:{device_id}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.events import publish
 from core.models import SshSession
 
 CLOSED_BY_REQUEST = "closed by request"
@@ -35,6 +36,7 @@ def request_close(
         return None
     row.close_requested = True
     row.closed_by = f"{actor} ({via})" if via else actor
+    publish(session, f"session:{row.id}")
     audit.record(
         session,
         action="session.close_requested",

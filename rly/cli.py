@@ -28,13 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run relay, tracker and portal")
     _common(serve)
-    serve.add_argument("--only", choices=("relay", "tracker", "portal"))
+    serve.add_argument(
+        "--only",
+        type=_parts,
+        metavar="PARTS",
+        help="relay, tracker, portal or a list: tracker,portal",
+    )
 
     dbp = sub.add_parser("db", help="database maintenance")
     dbsub = dbp.add_subparsers(dest="db_command", required=True)
     _common(dbsub.add_parser("upgrade", help="apply migrations"))
     admin.add_admin_parsers(sub, _common)
     return parser
+
+
+def _parts(text: str) -> set[str]:
+    """`--only relay` or `--only tracker,portal`: the parts this process runs."""
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = parts - {"relay", "tracker", "portal"}
+    if not parts or unknown:
+        raise argparse.ArgumentTypeError(f"unknown part {', '.join(sorted(unknown)) or text!r}")
+    return parts
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -75,10 +89,10 @@ def _db_upgrade(settings: Settings) -> int:
     return 0
 
 
-def _serve(settings: Settings, only: str | None) -> int:
+def _serve(settings: Settings, only: set[str] | None) -> int:
     from rly.serve import PARTS, StartupError, prepare, serve
 
-    parts = {only} if only else set(PARTS)
+    parts = only or set(PARTS)
     try:
         prepared = prepare(settings)
         return asyncio.run(serve(prepared, parts))

@@ -108,7 +108,8 @@ async def serve(p: Prepared, parts: set[str]) -> int:
         if http_sock is not None:
             http_sock.close()
         raise
-    tasks = [asyncio.create_task(run_feed(p.sessions, hub), name="feed")]
+    feed = run_feed(p.sessions, hub, listen=s.database_notify, name=p.node_name)
+    tasks = [asyncio.create_task(feed, name="feed")]
     server = None
     if http_sock is not None:
         server = make_server(
