@@ -117,6 +117,7 @@ class ConnectionApproval:
     def __init__(self) -> None:
         self.identity: Identity | None = None  # set once approved: the connection acts as them
         self.shared: SharedApproval | None = None
+        self.shown_at_login = False  # the login's prompt-less round showed the shared request
 
     @staticmethod
     def of(holder: Any) -> ConnectionApproval | None:
@@ -143,6 +144,13 @@ class ConnectionApproval:
         if self.shared is not None:
             await self.shared.abandon()
 
+    def forget(self) -> SharedApproval | None:
+        """Back to no approval (another login attempt's); returns the request to abandon."""
+        shared, self.shared = self.shared, None
+        self.identity = None
+        self.shown_at_login = False
+        return shared
+
 
 class KbdintApproval:
     """The two keyboard-interactive rounds of one connection's gate login."""
@@ -155,16 +163,24 @@ class KbdintApproval:
         self.check_password = check_password
         self.start_approval = start_approval
         self.pending: Pending | None = None
-        self.shown = False  # the prompt-less round was sent; the next answer ends the login
+        self.shown_to: str | None = None  # the link round was sent after this user's password
+        self.displayed = False  # the client answered that round: it got the URL
+
+    def reset(self) -> None:
+        """A new username: its login starts from the password round, with no request."""
+        self.pending = None
+        self.shown_to = None
+        self.displayed = False
 
     def challenge(self) -> KbdintChallenge:
-        self.shown = False
+        self.shown_to = None
         return "", "", "", [(PASSWORD_PROMPT, False)]
 
     async def respond(self, username: str, responses: list[str]) -> KbdintChallenge:
-        if self.shown:
-            self.shown = False
-            return len(responses) == 0
+        if self.shown_to is not None:
+            shown_to, self.shown_to = self.shown_to, None
+            self.displayed = shown_to == username and len(responses) == 0
+            return self.displayed
         if len(responses) != 1 or not await self.check_password(username, responses[0]):
             return False
         if self.pending is None:  # a restarted kbdint login shows the same request again
@@ -174,7 +190,7 @@ class KbdintApproval:
                 # Log in without it: the session then asks (and reports) as for password logins.
                 log.warning("approval at login unavailable: %s", type(exc).__name__)
                 return True
-        self.shown = True
+        self.shown_to = username
         return "", instructions(self.pending), "", []
 
 

@@ -10,6 +10,14 @@ One approval serves a whole connection (relay.kbdint_approval): a session on
 a connection that is approved already goes straight to the menu; one whose
 keyboard-interactive login created the request shows and awaits that request;
 otherwise (password or key login) the session creates its own, as before.
+When that login round already showed the link (OpenSSH prints it), the
+session does not print it again: one waiting line with the countdown, and
+Enter shows the link again (for a client run with -q, which hides it).
+
+Every line the menu writes passes `core.text.printable` (`say`, `note`, the
+prompt): stored text reaches the terminal with its control characters escaped.
+A connection lost at any point (the client killed, the network gone) ends the
+session with one INFO line.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any, TypeVar
 
 import asyncssh
 
+from core.text import printable
 from relay import commands, device_actions, device_lookup
 from relay.approval_gate import ApprovalGate, Decision, Identity, format_left
 from relay.bridge import raw_channel
@@ -34,6 +43,9 @@ from relay.menu_commands import dispatch
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ABORT_KEYS = ("\x03", "\x04")  # Ctrl-C / Ctrl-D while waiting for approval
+SHOW_KEYS = ("\r", "\n")  # Enter while waiting: show the approval link again
+# The technician's side went away: a normal end of the session, not an internal error.
+GONE = (BrokenPipeError, ConnectionError, asyncssh.ConnectionLost, asyncssh.DisconnectError)
 DISCONNECT_GRACE = 1.0
 
 
@@ -45,6 +57,8 @@ class LoginInfo:
     required_user_id: int | None
     client_ip: str
     client_version: str
+    method: str = "password"  # the auth method that succeeded
+    key_fingerprint: str | None = None  # the key of a publickey login (approval cache key)
 
 
 class ChannelClosed(Exception):
@@ -59,6 +73,7 @@ class MenuSession:
         self.pty = process.term_type is not None
         self.identity: Identity | None = None
         self.disconnect = False
+        self.link: list[str] = []  # the approval block, shown once (again on Enter)
 
     @classmethod
     def factory(
@@ -73,8 +88,12 @@ class MenuSession:
         status: int | str = 1
         try:
             status = await self._until_closed(self.run())
-        except (ChannelClosed, BrokenPipeError, ConnectionError):
-            return  # the technician left mid-write: a normal end, not an internal error
+        except ChannelClosed:  # the technician left: a normal end, not an internal error
+            log.info("technician left login=%s: channel closed", self.login.login)
+            return
+        except GONE as exc:
+            log.info("technician connection lost login=%s: %s", self.login.login, _why(exc))
+            return
         except Exception:
             log.exception("technician session failed login=%s", self.login.login)
             self.note("Internal error; the session ends.")
@@ -106,14 +125,14 @@ class MenuSession:
 
     def say(self, line: str) -> None:
         """A line on stdout (the line editor turns \\n into \\r\\n on a terminal)."""
-        self.process.stdout.write(line + "\n")
+        self.process.stdout.write(printable(line) + "\n")
 
     def note(self, line: str) -> None:
         """A relay message: on stderr for exec'd commands, so stdout stays the device's."""
         if self.process.command is None:
             self.say(line)
         else:
-            self.process.stderr.write(line + ("\r\n" if self.pty else "\n"))
+            self.process.stderr.write(printable(line) + ("\r\n" if self.pty else "\n"))
 
     def _raw(self, text: str) -> None:
         raw_channel(self.process).write(text)
@@ -161,11 +180,20 @@ class MenuSession:
                 client_version=self.login.client_version,
             )
         pending = await gate.create()
-        self.note("This session needs approval. Open this link and approve it:")
-        self.note("")
-        self.note(f"  {pending.url}")
-        self.note("")
-        self.note(f"Verification code: {pending.code}")
+        self.link = [
+            "This session needs approval. Open this link and approve it:",
+            "",
+            f"  {pending.url}",
+            "",
+            f"Verification code: {pending.code}",
+        ]
+        if state is not None and state.shared is not None and state.shown_at_login:
+            hint = "; press Enter to show it again" if self.pty else ""
+            self.note(
+                f"Waiting for approval of the link shown at login (code {pending.code}){hint}."
+            )
+        else:
+            self._show_link()
         decision = None
         try:
             decision = await self._wait(gate)
@@ -205,11 +233,16 @@ class MenuSession:
             await asyncio.gather(*tasks, return_exceptions=True)
         return None if waiter.cancelled() else waiter.result()
 
+    def _show_link(self) -> None:
+        for line in self.link:
+            self.note(line)
+
     def _tick(self, left: float) -> None:
         self._raw(f"\rWaiting for approval: {format_left(left)} left \x1b[K")
 
     async def _abort_keys(self) -> None:
-        """Return when the technician presses Ctrl-C or Ctrl-D (or the input ends)."""
+        """Return when the technician presses Ctrl-C or Ctrl-D (or the input ends); Enter
+        shows the link again."""
         while True:
             try:
                 data = await self.process.stdin.read(1024)
@@ -219,6 +252,9 @@ class MenuSession:
                 return
             if not data or any(key in data for key in ABORT_KEYS):
                 return
+            if any(key in data for key in SHOW_KEYS):
+                self._raw("\r\x1b[K")
+                self._show_link()
 
     async def menu(self) -> int:
         who = self.identity
@@ -227,7 +263,7 @@ class MenuSession:
         self.say(f"Welcome to rly ({self.ctx.node_name}).")
         self.say(f"You act as portal user {who.username}, account {who.account_name}.")
         self.say("Type 'help' for the commands, 'list' for your devices.")
-        prompt = f"rly:{who.username}@{who.account_name}> "
+        prompt = printable(f"rly:{who.username}@{who.account_name}> ")
         while True:
             self.process.stdout.write(prompt)
             line = await self._readline()
@@ -285,3 +321,8 @@ class MenuSession:
         if outcome.exit_signal is not None:
             return outcome.exit_signal
         return outcome.exit_status if outcome.exit_status is not None else 1
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason for a lost connection (asyncssh errors carry one)."""
+    return str(getattr(exc, "reason", "") or exc or type(exc).__name__)[:200]

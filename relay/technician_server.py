@@ -2,7 +2,13 @@
 
 Two logins: the shared gate user with the (non-secret) gate password, by
 password or keyboard-interactive, and a portal user with one of their
-registered public keys (then only that user may approve). Deny by default:
+registered public keys (then only that user may approve). Who logged in comes
+only from the step that succeeded (AuthStep): every auth hook first forgets
+the previous attempt, a new username forgets everything (begin_auth), and
+`auth_completed` binds what the last, successful hook recorded. asyncssh
+calls `validate_public_key` for an unsigned query and again for the signed
+request and checks the signature only after it, so a registered key that is
+merely offered binds nothing (Warpgate CVE-2023-48712 class). Deny by default:
 no port forwarding of any kind, no agent, no X11, before or after approval;
 each refusal is audited. Pre-auth limits come from relay.preauth.
 
@@ -18,6 +24,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
@@ -42,6 +49,16 @@ from relay.preauth import PreauthLimiter, RefusalLog
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class AuthStep:
+    """What one auth hook accepted: the method, the username, the portal user of a key."""
+
+    method: str  # "password" | "keyboard-interactive" | "publickey"
+    username: str
+    user_id: int | None = None
+    key_fingerprint: str | None = None  # the key that signed a publickey login
+
+
 class TechnicianServer(asyncssh.SSHServer):
     def __init__(
         self,
@@ -57,7 +74,7 @@ class TechnicianServer(asyncssh.SSHServer):
         self.conn: asyncssh.SSHServerConnection | None = None
         self.client_ip = ""
         self.counted = False
-        self.required_user_id: int | None = None
+        self._step: AuthStep | None = None  # the last auth hook's acceptance, if it accepted
         self._tasks: set[asyncio.Task[None]] = set()
         self.approval = ConnectionApproval()
         self.kbdint = KbdintApproval(self._check_gate, self._start_approval)
@@ -87,15 +104,32 @@ class TechnicianServer(asyncssh.SSHServer):
             self.limiter.release(self.client_ip)
 
     def auth_completed(self) -> None:
+        """Bind the login to what the successful step recorded, for the username it was for."""
         self._release()
         assert self.conn is not None
         username = str(self.conn.get_extra_info("username"))
+        step = self._step
+        if step is None or step.username != username:  # no hook accepted this login: deny
+            log.error("technician login without an accepting auth step from=%s", self.client_ip)
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "rly: login refused")
+            return
+        if step.method == "keyboard-interactive":
+            self.approval.shown_at_login = self.kbdint.displayed
+        else:
+            self._forget_approval()  # a request an earlier kbdint attempt made is not this login's
         version = str(self.conn.get_extra_info("client_version") or "")
-        info = LoginInfo(username, self.required_user_id, self.client_ip, version)
+        info = LoginInfo(
+            username, step.user_id, self.client_ip, version, step.method, step.key_fingerprint
+        )
         self.conn.set_extra_info(rly_login=info)
-        method = "publickey" if self.required_user_id is not None else "gate password"
-        self._audit("technician.login", username, f"ok method={method} client={version[:100]}")
+        self._audit("technician.login", username, f"ok method={step.method} client={version[:100]}")
         metrics.inc("rly_logins_total", port="technician", result="ok")
+
+    def _forget_approval(self) -> None:
+        """Drop the approval state of earlier attempts; a pending request is abandoned."""
+        shared = self.approval.forget()
+        if shared is not None:
+            self._spawn(shared.abandon())
 
     # -- authentication --------------------------------------------------------
 
@@ -104,25 +138,38 @@ class TechnicianServer(asyncssh.SSHServer):
         return bool(self.ctx.settings.relay.gate_password)
 
     def begin_auth(self, username: str) -> bool:
+        """A new username: nothing an attempt for another one established carries over."""
+        self._step = None
+        self.kbdint.reset()
+        self._forget_approval()
         return True
 
     def password_auth_supported(self) -> bool:
         return self._gate_enabled
 
     async def validate_password(self, username: str, password: str) -> bool:
-        return await self._check_gate(username, password)
+        self._step = None
+        ok = await self._check_gate(username, password)
+        if ok:
+            self._step = AuthStep("password", username)
+        return ok
 
     def kbdint_auth_supported(self) -> bool:
         return self._gate_enabled
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> KbdintChallenge:
+        self._step = None
         return self.kbdint.challenge()
 
     async def validate_kbdint_response(
         self, username: str, responses: Sequence[str]
     ) -> KbdintChallenge:
         """Gate password, then a prompt-less round showing the approval (relay.kbdint_approval)."""
-        return await self.kbdint.respond(username, list(responses))
+        self._step = None
+        result = await self.kbdint.respond(username, list(responses))
+        if result is True:
+            self._step = AuthStep("keyboard-interactive", username)
+        return result
 
     async def _start_approval(self, username: str) -> Pending:
         """The connection's approval request, created during keyboard-interactive login."""
@@ -159,6 +206,8 @@ class TechnicianServer(asyncssh.SSHServer):
         return True
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """A registered key of this portal user; binding waits for auth_completed (see above)."""
+        self._step = None
         fingerprint = key.get_fingerprint()
 
         def run(session: Session) -> int | None:
@@ -172,7 +221,7 @@ class TechnicianServer(asyncssh.SSHServer):
         user_id = await self.ctx.db(run)
         if user_id is None:
             return False  # clients offer several keys: a miss is not a failed login
-        self.required_user_id = user_id
+        self._step = AuthStep("publickey", username, user_id, fingerprint)
         return True
 
     async def _failed(self, username: str, method: str) -> None:

@@ -278,15 +278,15 @@ def test_jump_to_other_ports_and_hosts_is_refused(
 def test_kbdint_login_shows_url_before_the_menu_without_second_approval(
     relay: RlyServer, db: TechDb, technician_factory: TechnicianFactory
 ) -> None:
-    """`ssh partner@relay`: the URL is shown during login; after approval, straight to the menu."""
+    """`ssh partner@relay`: the URL is shown during login, once; after approval, the menu."""
     tech = technician_factory(relay.technician_port, options={"LogLevel": "INFO"})
     tech.expect("This connection needs approval")
     token = approval_token(tech)
     tech.expect("The request expires in")
-    tech.expect("This session needs approval")  # the same request, repeated in the session
-    assert approval_token(tech) == token
+    tech.expect("Waiting for approval of the link shown at login")  # not the block again
     db.decide(token, "alice")
     tech.expect(re.escape("rly:alice@acme> "), timeout=3)
+    assert len(re.findall(URL_RE, tech.output)) == 1
     assert len(db.actions("approval.requested")) == 1
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -149,6 +151,7 @@ def test_ctrl_c_while_waiting_withdraws(
     """Ctrl-C while waiting for approval withdraws the request and disconnects."""
     tech = technician_factory(relay.technician_port)
     token = approval_token(tech)
+    tech.expect("Waiting for approval")  # the session is up (the link came with the login)
     tech.sendcontrol("c")
     tech.expect("withdrawn")
     assert tech.expect_eof() not in (0, None)
@@ -237,3 +240,45 @@ def test_subsystems_are_refused_without_an_approval(relay: RlyServer, db: TechDb
 
     asyncio.run(scenario())
     assert not db.actions("approval.requested")
+
+
+def test_kbdint_login_shows_the_approval_link_once(
+    relay: RlyServer, db: TechDb, technician_factory: TechnicianFactory
+) -> None:
+    """OpenSSH prints the link of the keyboard-interactive round; the session only waits."""
+    tech = technician_factory(relay.technician_port)  # LogLevel INFO, OpenSSH's default
+    token = approval_token(tech)
+    tech.expect("Waiting for approval of the link shown at login")
+    tech.expect(r"Waiting for approval: \d:\d\d left")  # the countdown
+    assert len(re.findall(URL_RE, tech.output)) == 1
+    db.decide(token, "alice")
+    tech.expect(re.escape("rly:alice@acme> "), timeout=3)
+    assert len(re.findall(URL_RE, tech.output)) == 1
+
+
+def test_quiet_client_gets_the_link_on_enter(
+    relay: RlyServer, db: TechDb, technician_factory: TechnicianFactory
+) -> None:
+    """`ssh -q` hides the keyboard-interactive link: Enter in the session shows it."""
+    tech = technician_factory(relay.technician_port, args=["-q"])
+    tech.expect("press Enter to show it again")
+    assert not re.search(URL_RE, tech.output)
+    tech.sendline("")
+    token = approval_token(tech)
+    db.decide(token, "alice")
+    tech.expect(re.escape("rly:alice@acme> "), timeout=3)
+
+
+def test_client_killed_at_the_menu_prompt_logs_one_info_line(
+    relay: RlyServer, db: TechDb, technician_factory: TechnicianFactory
+) -> None:
+    """ssh killed at the menu prompt: the relay logs the lost connection, no ERROR, no traceback."""
+    tech = technician_factory(relay.technician_port)
+    db.decide(approval_token(tech), "alice")
+    tech.expect(re.escape("rly:alice@acme> "), timeout=3)
+    os.kill(tech.child.pid, signal.SIGKILL)
+    wait_until(lambda: "relay.menu: technician" in relay.output)  # the session's end, logged
+    time.sleep(0.5)  # anything else the end of the session logs
+    lines = relay.output.splitlines()
+    assert not [line for line in lines if "Traceback" in line or " ERROR " in line], lines[-20:]
+    assert any(" INFO relay.menu: technician " in line for line in lines)

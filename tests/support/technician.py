@@ -26,7 +26,9 @@ DEFAULT_OPTIONS: Mapping[str, str] = {
     "StrictHostKeyChecking": "no",
     "UserKnownHostsFile": "/dev/null",
     "PubkeyAuthentication": "no",
-    "LogLevel": "ERROR",
+    # OpenSSH's default: it prints the approval link of the keyboard-interactive login (at
+    # ERROR it would hide it, and the session then shows only a waiting line).
+    "LogLevel": "INFO",
     "NumberOfPasswordPrompts": "1",
     "ServerAliveInterval": "0",
 }
