@@ -69,6 +69,12 @@ class RelaySettings:
     public_host: str = ""  # host devices dial; empty: the host of http.public_url
     min_client_version: str = ""
     recordings: bool = True
+    # issue 13: typed input too (passwords typed at prompts are captured), a per-file cap after
+    # which only output is kept (0: none), how long recordings are kept (0: for ever)
+    record_input: bool = False
+    recording_max_bytes: int = 64 * 1024 * 1024
+    recording_retention: float = _duration("0s")
+    approval_cache: float = _duration("0s")  # remembered key-login approvals; 0: off
 
 
 @dataclass(frozen=True)

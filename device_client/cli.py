@@ -302,9 +302,7 @@ async def _remote_status(config: ClientConfig) -> RemoteStatus:
             view = await t.device_status()
         except TrackerError as exc:
             status = {403: "revoked", 404: "unknown to the tracker"}.get(exc.status_code or 0)
-            if status is None:
-                raise
-            return RemoteStatus(f"{status} ({exc})", "-", "-")
+            return RemoteStatus(f"{status or 'unknown'} ({exc})", "-", "-")
     tunnel = view.get("tunnel")
     if isinstance(tunnel, dict):
         relay, since = _plain(tunnel.get("relay_node")), _plain(tunnel.get("connected_at"))

@@ -171,11 +171,13 @@ class Bridge:
         traffic: Traffic,
         on_output: Callable[[bytes, int], None] | None = None,
         on_resize: Callable[[int, int], None] | None = None,
+        on_input: Callable[[bytes], None] | None = None,
     ) -> None:
         self.tech = tech
         self.traffic = traffic
         self.on_output = on_output
         self.on_resize = on_resize
+        self.on_input = on_input  # the recording, when it records what the technician types
         self.device_chan: asyncssh.SSHClientChannel[bytes] | None = None
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
@@ -269,6 +271,8 @@ class Bridge:
         traffic = self.traffic
         traffic.up += len(raw)
         traffic.last_activity = self._loop.time()
+        if self.on_input is not None:
+            self.on_input(raw)
         chan = self.device_chan
         if chan is None:
             return

@@ -21,7 +21,7 @@ from relay.approval_gate import Identity
 from relay.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
 from relay.context import RelayContext
 from relay.device_lookup import DeviceInfo
-from relay.recording import Recording
+from relay.recording import Recording, RecordingOptions
 from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ class DeviceSession(Generic[Process]):
         return conn
 
     def _start_recording(self, session_id: str) -> Recording | None:
-        if not self.ctx.settings.relay.recordings:
+        s = self.ctx.settings.relay
+        if not s.recordings:
             return None
         width, height = self.process.term_size[:2]
         try:
@@ -149,6 +150,7 @@ class DeviceSession(Generic[Process]):
                 height=height or 24,
                 term=self.process.term_type or "",
                 title=f"{self.identity.username}@{self.device.id}",
+                options=RecordingOptions(s.record_input, s.recording_max_bytes),
             )
         except OSError as exc:
             log.warning("recording unavailable session=%s error=%s", session_id, exc)
@@ -187,6 +189,7 @@ class DeviceSession(Generic[Process]):
             self.traffic,
             on_output=recording.output if recording else None,
             on_resize=recording.resize if recording else None,
+            on_input=recording.input if recording and recording.records_input else None,
         )
         try:
             await bridge.start(conn, remote_command or None)

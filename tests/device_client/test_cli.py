@@ -302,3 +302,18 @@ def test_fetch_sshd_host_key_returns_the_servers_key() -> None:
         assert await fetch_sshd_host_key("127.0.0.1", 9) is None
 
     asyncio.run(scenario())
+
+
+def test_status_with_an_unreachable_tracker_still_prints_every_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --tracker` with the tracker down says so on the status line and goes on."""
+    config = make_config(tmp_path, tracker_url="http://127.0.0.1:9")
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    config.key_file.write_bytes(key.export_private_key())
+    save_config(config, tmp_path / "client.toml")
+    assert main(["status", "--config", str(tmp_path / "client.toml"), "--tracker"]) == 3
+    out = capsys.readouterr().out
+    assert "tracker:       http://127.0.0.1:9\n" in out
+    assert "status:        unknown (tracker http://127.0.0.1:9 unreachable" in out
+    assert "tunnel:        down: rly-client is not running" in out
