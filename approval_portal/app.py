@@ -20,7 +20,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 
-from approval_portal import admin, approval_page, audit_pages, pages, routes, totp_enrol
+from approval_portal import (
+    admin,
+    approval_page,
+    approvals_cache,
+    audit_pages,
+    pages,
+    recordings,
+    routes,
+    totp_enrol,
+)
 from approval_portal.context import HERE, Portal, make_portal
 from approval_portal.deps import Forbidden, LoginRequired
 from approval_portal.security import SecurityHeaders
@@ -45,6 +54,8 @@ def create_app(
     for router in (routes.router, approval_page.router, totp_enrol.router, admin.router):
         app.include_router(router)
     app.include_router(audit_pages.router)
+    app.include_router(recordings.router)
+    app.include_router(approvals_cache.router)
     for router in pages.routers():  # dashboard, devices, sessions, tokens, users
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from approval_portal.auth import Viewer
 from approval_portal.context import Portal, PortalDep
@@ -29,7 +30,7 @@ GONE = {
 }
 
 
-def _refusal(approval: Approval | None, viewer: Viewer) -> tuple[int, str] | None:
+def _refusal(session: Session, approval: Approval | None, viewer: Viewer) -> tuple[int, str] | None:
     """Why this approval cannot be decided by this viewer now (status code, sentence)."""
     if approval is None:
         return 404, "This approval link is not valid. Check the URL shown by the SSH session."
@@ -37,9 +38,11 @@ def _refusal(approval: Approval | None, viewer: Viewer) -> tuple[int, str] | Non
         return 410, GONE.get(approval.status, f"This request is {approval.status}.")
     if approval.expires_at <= utcnow():
         return 410, GONE["expired"]
-    if approval.required_user_id is not None and approval.required_user_id != viewer.user_id:
-        return 403, "Only the portal user who owns this SSH key may approve this session."
-    return None
+    user = session.get(User, viewer.user_id)
+    if user is None:
+        return 403, "Your portal user no longer exists."
+    refusal = approvals.approver_refusal(session, approval, user)  # the owner, or a second person
+    return (403, refusal) if refusal is not None else None
 
 
 def _refuse(request: Request, portal: Portal, status: int, text: str) -> Response:
@@ -53,10 +56,14 @@ def _refuse(request: Request, portal: Portal, status: int, text: str) -> Respons
 def show(request: Request, token: str, portal: PortalDep, viewer: PageViewer) -> Response:
     with portal.sessions() as session:
         approval = approvals.find_by_token(session, token)
-    refusal = _refusal(approval, viewer)
+        refusal = _refusal(session, approval, viewer)
+        acts_as = approvals.acting_user(session, approval) if approval is not None else None
     if refusal is not None:
         return _refuse(request, portal, *refusal)
-    return portal.render(request, "approve.html", {"approval": approval, "token": token})
+    name = acts_as.username if acts_as is not None else viewer.username
+    return portal.render(
+        request, "approve.html", {"approval": approval, "token": token, "acts_as": name}
+    )
 
 
 @router.post("/approve/{token}")
@@ -71,7 +78,7 @@ def decide(
         return portal.message(request, "Bad request", "Choose Approve or Reject.", status_code=400)
     with portal.sessions() as session, session.begin():
         approval = approvals.find_by_token(session, token)
-        refusal = _refusal(approval, viewer)
+        refusal = _refusal(session, approval, viewer)
         if refusal is not None:
             return _refuse(request, portal, *refusal)
         user = session.get(User, viewer.user_id)

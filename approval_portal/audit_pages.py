@@ -134,8 +134,8 @@ def _form_time(value: datetime | None) -> str:
 
 
 def one_line_time(value: datetime) -> str:
-    """A timestamp that never wraps (no-break spaces; digits and hyphens do not break)."""
-    return value.strftime("%Y-%m-%d\u00a0%H:%M:%S\u00a0UTC")
+    """The exact time; its cell is `white-space: nowrap` (static/console.css)."""
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _filter_from(actor: str, action: str, device: str, since: str, until: str) -> AuditFilter | str:

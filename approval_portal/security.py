@@ -1,7 +1,8 @@
 """Response headers, CSRF comparison, safe redirects and the client address.
 
-The portal never loads anything from elsewhere and never runs script, so the
-CSP is `default-src 'self'` with nothing added; pages are never cached or
+The portal never loads anything from elsewhere and runs no inline script, so the
+CSP is `default-src 'self'` with nothing added (the recording pages add
+`'wasm-unsafe-eval'` for the player's WebAssembly); pages are never cached or
 framed, and the Referer never leaks an approval token.
 """
 
@@ -14,6 +15,9 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+# The recording player (static/vendor/asciinema-player) compiles its terminal from WebAssembly.
+PLAYER_CSP = CSP + "; script-src 'self' 'wasm-unsafe-eval'"
+PLAYER_PAGES = "/recordings/"
 HEADERS = {
     "content-security-policy": CSP,
     "x-frame-options": "DENY",
@@ -37,6 +41,7 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         static = str(scope.get("path", "")).startswith("/static/")
+        player = str(scope.get("path", "")).startswith(PLAYER_PAGES)
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -47,6 +52,9 @@ class SecurityHeaders:
                     and k.decode("latin-1").lower() != "cache-control"
                 ]
                 headers += [(k.encode(), v.encode()) for k, v in HEADERS.items()]
+                if player:
+                    headers = [(k, PLAYER_CSP.encode() if k == b"content-security-policy" else v)
+                               for k, v in headers]  # fmt: skip
                 cache = "public, max-age=3600" if static else "no-store"
                 headers.append((b"cache-control", cache.encode()))
                 if self.https:

@@ -14,10 +14,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from core.approvals import close_pending, create_approval
+from core import approval_cache
+from core.approvals import acting_user, close_pending, create_approval
 from core.metrics import inc
 from core.models import Approval, User
 from relay.context import RelayContext
@@ -49,6 +51,11 @@ class Pending:
 class Decision:
     status: str  # approved | rejected | expired | abandoned
     identity: Identity | None = None
+    remembered_until: datetime | None = None  # let in by a remembered approval (the cache)
+
+
+def _identity(user: User, approval_id: int) -> Identity:
+    return Identity(user.id, user.username, user.account_id, user.account.name, approval_id)
 
 
 def format_left(seconds: float) -> str:
@@ -67,12 +74,14 @@ class ApprovalGate:
         required_user_id: int | None,
         client_ip: str,
         client_version: str,
+        key_fingerprint: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.login = login
         self.required_user_id = required_user_id
         self.client_ip = client_ip
         self.client_version = client_version
+        self.key_fingerprint = key_fingerprint  # the key of a key login (the cache is per key)
         self.pending: Pending | None = None
 
     async def create(self) -> Pending:
@@ -87,6 +96,7 @@ class ApprovalGate:
                 client_version=self.client_version,
                 relay_node=self.ctx.node_name,
                 ttl=ttl,
+                key_fingerprint=self.key_fingerprint,
             )
             return approval.id, approval.code, token
 
@@ -114,15 +124,49 @@ class ApprovalGate:
                 return None
             if approval.status != "approved" or approval.decided_by is None:
                 return Decision(approval.status)
-            user = session.get(User, approval.decided_by)
+            user = acting_user(session, approval)  # a key login acts as the key's owner
             if user is None or user.disabled:
                 return Decision("rejected")
-            identity = Identity(
-                user.id, user.username, user.account_id, user.account.name, approval_id
-            )
-            return Decision("approved", identity)
+            self._remember(session, approval, user)
+            return Decision("approved", _identity(user, approval_id))
 
         return await self.ctx.db(run)
+
+    def _remember(self, session: Session, approval: Approval, user: User) -> None:
+        """With `relay.approval_cache` on, a key login's approval is remembered for a while."""
+        ttl = self.ctx.settings.relay.approval_cache
+        if ttl > 0 and self.key_fingerprint and approval.required_user_id == user.id:
+            approval_cache.remember(
+                session, approval=approval, user=user, key_fingerprint=self.key_fingerprint, ttl=ttl
+            )
+
+    async def remembered(self) -> Decision | None:
+        """An approval from the cache for this key, user and address, if one is live."""
+        user_id, fingerprint = self.required_user_id, self.key_fingerprint
+        if self.ctx.settings.relay.approval_cache <= 0 or user_id is None or not fingerprint:
+            return None
+
+        def run(session: Session) -> Decision | None:
+            grant = approval_cache.find(
+                session, user_id=user_id, key_fingerprint=fingerprint, client_ip=self.client_ip
+            )
+            user = session.get(User, user_id)
+            if grant is None or user is None or user.disabled:
+                return None
+            approval = approval_cache.use(
+                session,
+                grant=grant,
+                client_version=self.client_version,
+                relay_node=self.ctx.node_name,
+            )
+            return Decision(
+                "approved", _identity(user, approval.id), remembered_until=grant.expires_at
+            )
+
+        decision = await self.ctx.db(run)
+        if decision is not None:
+            log.info("approval from cache login=%s from=%s", self.login, self.client_ip)
+        return decision
 
     async def wait(self, tick: Callable[[float], None] | None = None) -> Decision:
         """Wait for the decision; on expiry mark the row expired. Cancel-safe: abandons it."""

@@ -29,12 +29,14 @@ class BytesPump:
         traffic: Traffic,
         on_output: Callable[[str], None] | None = None,
         on_resize: Callable[[int, int], None] | None = None,
+        on_input: Callable[[bytes], None] | None = None,
     ) -> None:
         self.tech = tech
         self.device = device
         self.traffic = traffic
         self.on_output = on_output
         self.on_resize = on_resize
+        self.on_input = on_input
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     async def run(self) -> None:
@@ -70,6 +72,8 @@ class BytesPump:
                 return
             self.traffic.up += len(data)
             self.traffic.last_activity = loop.time()
+            if self.on_input is not None:
+                self.on_input(data)
             self.device.stdin.write(data)
             await self.device.stdin.drain()
 

@@ -74,6 +74,7 @@ class JumpDeviceSession(DeviceSession[asyncssh.SSHServerProcess[bytes]]):
             self.traffic,
             on_output=recording.output if recording else None,
             on_resize=recording.resize if recording else None,
+            on_input=recording.input if recording and recording.records_input else None,
         )
         reason = await self._first_end(pump.run(), session_id, tech.channel.wait_closed())
         if reason == "exit":

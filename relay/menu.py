@@ -178,7 +178,10 @@ class MenuSession:
                 required_user_id=self.login.required_user_id,
                 client_ip=self.login.client_ip,
                 client_version=self.login.client_version,
+                key_fingerprint=self.login.key_fingerprint,
             )
+            if await self._remembered(gate, state):
+                return True
         pending = await gate.create()
         self.link = [
             "This session needs approval. Open this link and approve it:",
@@ -218,6 +221,18 @@ class MenuSession:
         else:
             self.note(f"The approval request was {decision.status}. Disconnecting.")
         return False
+
+    async def _remembered(self, gate: ApprovalGate, state: ConnectionApproval | None) -> bool:
+        """Let a key login in on a remembered approval (relay.approval_cache), if one is live."""
+        decision = await gate.remembered()
+        if decision is None or decision.identity is None:
+            return False
+        self.identity = decision.identity
+        if state is not None:
+            state.identity = decision.identity
+        until = f" until {decision.remembered_until:%H:%M} UTC" if decision.remembered_until else ""
+        self.note(f"Approved: remembered approval of {decision.identity.username}{until}.")
+        return True
 
     async def _wait(self, gate: ApprovalWaiter) -> Decision | None:
         """The decision, or None if the technician pressed Ctrl-C / Ctrl-D first."""

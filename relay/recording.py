@@ -1,7 +1,11 @@
 """One asciicast v2 file per device session, under <data_dir>/recordings, mode 0600.
 
-Only output is recorded ("o" events, plus "r" on resize): what the technician
-typed is echoed by the device anyway, and passwords typed at prompts are not.
+Output is recorded ("o" events, plus "r" on resize). Input ("i" events, what
+the technician typed) only with `relay.record_input`: it shows what was typed
+where the device echoes nothing, which is also why it is off by default:
+passwords typed at prompts are captured. Once the file reaches
+`relay.recording_max_bytes`, input recording stops and a marker event ("m")
+says so; output is kept to the end.
 
 Recording sits on the session's data path, so `output()` does no encoding:
 it keeps a reference to the chunk. Chunks that arrive within `COALESCE`
@@ -28,6 +32,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -41,12 +46,22 @@ WRITE_CHUNK = 1024 * 1024
 MAX_BUFFERS = 256  # well under IOV_MAX for one writev
 
 
+@dataclass(frozen=True)
+class RecordingOptions:
+    record_input: bool = False
+    max_bytes: int = 0  # input stops once the file is this big; 0: no cap
+
+
 class Recording:
     """An open asciicast v2 file; every method is a no-op after close()."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, options: RecordingOptions | None = None) -> None:
         self.path = path
         self._fd: int | None = fd
+        self.options = options or RecordingOptions()
+        self.records_input = self.options.record_input
+        self._size = 0  # bytes of encoded lines so far (written or queued)
+        self._in_decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._start = time.monotonic()
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}
         self._pending: list[bytes | str] = []  # the batch being collected, one stream
@@ -59,7 +74,15 @@ class Recording:
 
     @classmethod
     def create(
-        cls, data_dir: Path, session_id: str, *, width: int, height: int, term: str, title: str
+        cls,
+        data_dir: Path,
+        session_id: str,
+        *,
+        width: int,
+        height: int,
+        term: str,
+        title: str,
+        options: RecordingOptions | None = None,
     ) -> Recording:
         directory = data_dir / "recordings"
         ensure_private_dir(directory)
@@ -73,9 +96,9 @@ class Recording:
             "title": title,
             "env": {"TERM": term or "unknown"},
         }
-        recording = cls(path, fd)
+        recording = cls(path, fd, options)
         recording._out.append((json.dumps(header) + "\n").encode())
-        recording._out_len = len(recording._out[0])
+        recording._out_len = recording._size = len(recording._out[0])
         recording._write()
         return recording
 
@@ -97,6 +120,16 @@ class Recording:
             self._schedule()
         self._pending.append(data)
         self._pending_len += len(data)
+
+    def input(self, data: bytes | str) -> None:
+        """What the technician typed (with `record_input`, until the size cap)."""
+        if self._fd is None or not self.records_input or not data:
+            return
+        self._emit()  # keep the order: output that came before this keystroke first
+        text = data if isinstance(data, str) else self._in_decoder.decode(data)
+        if text and self.records_input:  # that output may just have reached the cap
+            self._line(time.monotonic(), "i", text)
+            self._schedule()
 
     def resize(self, width: int, height: int) -> None:
         if self._fd is None:
@@ -149,6 +182,12 @@ class Recording:
         encoded = line.encode("utf-8", "replace")
         self._out += (encoded, b"\n")
         self._out_len += len(encoded) + 1
+        self._size += len(encoded) + 1
+        cap = self.options.max_bytes
+        if self.records_input and cap and self._size >= cap:
+            self.records_input = False
+            note = f"input recording stopped: the file reached {cap} bytes; output only from here"
+            self._line(at, "m", note)
         if self._out_len >= WRITE_CHUNK or len(self._out) >= MAX_BUFFERS:
             self._write()
 
