@@ -1,7 +1,12 @@
-"""TOTP (RFC 6238) with replay protection: a time step is accepted at most once."""
+"""TOTP (RFC 6238) with replay protection: a time step is accepted at most once.
+
+A code is six ASCII digits; anything else (full-width digits too) is a wrong code.
+"""
 
 from __future__ import annotations
 
+import hmac
+import re
 import time
 
 import pyotp
@@ -11,6 +16,8 @@ from sqlalchemy.orm import Session
 from core.models import User
 
 STEP = 30
+DIGITS = 6
+CODE_RE = re.compile(r"[0-9]{6}")  # ASCII only: \d would match any Unicode digit
 ISSUER = "rly"
 
 
@@ -23,17 +30,23 @@ def provisioning_uri(secret: str, username: str) -> str:
 
 
 def matching_step(secret: str, code: str, now: float | None = None) -> int | None:
-    """The time step (±1) whose code equals `code`, or None."""
-    code = code.strip()
-    if not (code.isdigit() and len(code) == 6):
-        return None
+    """The time step (±1) whose code equals `code`, or None.
+
+    Only six ASCII digits can match: `str.isdigit` and pyotp's `strings_equal`
+    (NFKC) would take full-width or other Unicode digits for ASCII ones. Any
+    other input is a wrong code and costs the same three comparisons as one.
+    """
+    code = code.strip(" \t\r\n")
+    wellformed = CODE_RE.fullmatch(code) is not None
+    candidate = code.encode("ascii") if wellformed else b"-" * DIGITS
     totp = pyotp.TOTP(secret)
     now = time.time() if now is None else now
     current = int(now // STEP)
+    found: int | None = None
     for step in (current, current - 1, current + 1):
-        if pyotp.utils.strings_equal(totp.at(step * STEP), code):
-            return step
-    return None
+        if hmac.compare_digest(totp.at(step * STEP).encode("ascii"), candidate) and found is None:
+            found = step
+    return found if wellformed else None
 
 
 def consume_code(session: Session, user: User, code: str, now: float | None = None) -> bool:
