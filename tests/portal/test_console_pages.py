@@ -318,3 +318,22 @@ def test_chart_counts_tunnels_open_at_each_instant(env: PortalEnv) -> None:
     assert counts[3] == 1 and counts[0] == 1  # the second, still open
     svg = str(tunnel_chart.render(points))
     assert "now: 1" in svg and "<polyline" in svg
+
+
+def test_dashboard_decides_key_logins_but_never_lists_gate_logins(env: PortalEnv) -> None:
+    """alice's own key login shows on her dashboard with Approve; a gate login is neither
+    listed nor decidable by id (only its URL reaches it)."""
+    admin, alice = _login(env, "alice", role="admin")
+    key_id, _ = env.create_approval(ssh_login="alice", required_user_id=alice.id)
+    gate_id, _ = env.create_approval()
+    page = admin.http.get("/").text
+    assert f'action="/approvals/{key_id}/decide"' in page
+    assert f'action="/approvals/{gate_id}/decide"' not in page
+    refused = admin.post(f"/approvals/{gate_id}/decide", {"decision": "approve"})
+    assert refused.status_code == 404
+    assert env.approval(gate_id).status == "pending"
+    assert admin.post(f"/approvals/{key_id}/decide", {"decision": "approve"}).status_code == 303
+    assert env.approval(key_id).status == "approved"
+    assert f"approval:{key_id}" in env.hub.topics
+    again = admin.post(f"/approvals/{key_id}/decide", {"decision": "reject"})
+    assert again.status_code == 409 and env.approval(key_id).status == "approved"

@@ -8,6 +8,7 @@ from datetime import timedelta
 import asyncssh
 from sqlalchemy import select, update
 
+from core.enroll_tokens import revoke_token
 from core.models import AuditEvent, EnrollToken, RelayNode, utcnow
 from tests.tracker.harness import TrackerEnv
 
@@ -104,6 +105,15 @@ def test_expired_token_refused(env: TrackerEnv) -> None:
     with env.prepared.sessions() as session, session.begin():
         session.execute(update(EnrollToken).values(expires_at=utcnow() - timedelta(seconds=1)))
     _refused(env, token, 403, "enrollment token has expired")
+
+
+def test_revoked_token_refused_as_revoked(env: TrackerEnv) -> None:
+    """A token revoked in the portal (core.enroll_tokens) is refused with that word, uses left."""
+    token = env.token(uses=3)
+    with env.prepared.sessions() as session, session.begin():
+        token_id = session.scalars(select(EnrollToken.id)).one()
+        revoke_token(session, token_id=token_id, account_id=None, actor="test")
+    _refused(env, token, 403, "enrollment token has been revoked")
 
 
 def test_used_up_token_refused(env: TrackerEnv) -> None:
