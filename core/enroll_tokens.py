@@ -16,14 +16,21 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.models import Account, EnrollToken, utcnow
+from core.tls_identity import certificate_pin
 from core.validate import InvalidInput
 
 
-def install_command(tracker_url: str, token: str) -> str:
-    """The one line an admin pastes on the appliance (as root)."""
+def install_command(tracker_url: str, token: str, tls_cert: str = "") -> str:
+    """The one line an admin pastes on the appliance (as root).
+
+    With the server's own TLS certificate (`http.tls_cert`) the line pins its
+    fingerprint, so the device needs neither a CA file nor SSL_CERT_FILE.
+    """
+    pin = certificate_pin(tls_cert)
     return (
         f"rly-client enroll --tracker {shlex.quote(tracker_url)} --token {shlex.quote(token)}"
-        " && rly-client install-service"
+        + (f" --tracker-fingerprint {pin}" if pin else "")
+        + " && rly-client install-service"
     )
 
 

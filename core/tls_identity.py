@@ -57,3 +57,13 @@ def normalize_fingerprint(text: str) -> str:
     if len(digest) != hashlib.sha256().digest_size:
         raise ValueError("a TLS fingerprint must be SHA256:<base64> or 64 hex digits")
     return PREFIX + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def certificate_pin(tls_cert: str) -> str:
+    """The fingerprint devices pin for the server's `http.tls_cert`, or "" (no TLS, unreadable)."""
+    if not tls_cert:
+        return ""
+    try:
+        return file_fingerprint(Path(tls_cert))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return ""

@@ -15,11 +15,13 @@ import asyncssh
 import httpx
 
 from core.signing import sign_request
-from device_client.proxy import choose_proxy
+from device_client.placement import Relays, parse_relays
+from device_client.proxy import AUTH_HINT, AUTH_REFUSED, choose_proxy
 from device_client.tls import TlsTrust, client_context
 
 LONG_POLL_SLACK = 10.0  # seconds of HTTP timeout on top of the long-poll wait
 REQUEST_TIMEOUT = 20.0
+MAX_DIALS = 8  # dial requests taken from one check-in answer
 
 
 class TrackerError(Exception):
@@ -55,6 +57,8 @@ class CheckinReply:
     next_checkin: float
     server_time: float
     action_id: int | None = None  # None: a tracker without acks (nothing to echo)
+    relays: Relays | None = None  # None: a tracker without placement (keep the list)
+    dials: tuple[Any, ...] = ()  # data-connection requests (core.data_wire), checked when used
 
 
 def _field(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -94,6 +98,8 @@ def parse_checkin(data: dict[str, Any]) -> CheckinReply:
         next_checkin=float(_field(data, "next_checkin", (int, float))),
         server_time=float(_field(data, "server_time", (int, float))),
         action_id=_field(data, "action_id", int) if "action_id" in data else None,
+        relays=parse_relays(data.get("relays")),
+        dials=tuple(data["dials"][:MAX_DIALS]) if isinstance(data.get("dials"), list) else (),
     )
 
 
@@ -127,7 +133,7 @@ class TrackerClient:
         # the same proxy choice and TLS pin as the tunnel; nothing read from the environment
         # behind our back (no SSL_CERT_FILE, no second reading of HTTPS_PROXY/NO_PROXY)
         host = httpx.URL(self._base).host
-        via = choose_proxy(proxy, host)
+        via = self._proxy = choose_proxy(proxy, host)
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=REQUEST_TIMEOUT,
@@ -178,6 +184,12 @@ class TrackerClient:
             response = await self._http.request(
                 method, url, content=body, headers=headers, timeout=timeout
             )
+        except httpx.ProxyError as exc:
+            why = str(exc).strip() or type(exc).__name__
+            hint = AUTH_HINT if why.split(" ", 1)[0] in AUTH_REFUSED else ""
+            raise TrackerError(
+                f"tracker {self._base} unreachable: proxy {self._proxy} refused: {why}{hint}"
+            ) from None
         except httpx.HTTPError as exc:
             raise TrackerError(
                 f"tracker {self._base} unreachable: {exc.__class__.__name__}: {exc}".rstrip(": ")

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import asyncssh
 
+from core.tls_identity import normalize_fingerprint, pem_certificates
 from device_client import __version__
 from device_client.api import EnrollReply, TrackerClient, TrackerError
 from device_client.config import (
@@ -34,9 +35,12 @@ from device_client.config import (
     save_config,
     write_private,
 )
+from device_client.dialer import tls_trust
+from device_client.proxy import ProxyError, parse_proxy
 from device_client.runner import os_release
 from device_client.state import ClientState, pid_alive, read_state
 from device_client.systemd import InstallError, install_service, service_active
+from device_client.tls import TlsTrust
 from device_client.tunnel import BACKOFF_CAP_ENV, backoff_cap_from_env
 
 EXIT_ERROR = 2
@@ -134,8 +138,52 @@ async def _enroll_request(
     target_key = await _target_host_key(args, host_key)
     if target_key:
         body["target_host_key"] = target_key
-    async with TrackerClient(args.tracker) as tracker:
+    async with TrackerClient(
+        args.tracker, proxy=args.proxy or "", trust=_enroll_trust(args)
+    ) as tracker:
         return await tracker.enroll(body)
+
+
+def _enroll_trust(args: argparse.Namespace) -> TlsTrust:
+    """The TLS pin given to enroll (--ca-file or --tracker-fingerprint), checked."""
+    if args.ca_file and args.tracker_fingerprint:
+        raise CliError("give --ca-file or --tracker-fingerprint, not both")
+    if args.tracker_fingerprint:
+        try:
+            return TlsTrust(fingerprint=normalize_fingerprint(args.tracker_fingerprint))
+        except ValueError as exc:
+            raise CliError(f"--tracker-fingerprint: {exc}") from None
+    if args.ca_file:
+        path = Path(args.ca_file)
+        try:
+            found = pem_certificates(path.read_text(encoding="ascii"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CliError(f"--ca-file {path}: cannot read a PEM certificate: {exc}") from None
+        if not found:
+            raise CliError(f"--ca-file {path}: no PEM certificate in it")
+        return TlsTrust(ca_file=path)
+    return TlsTrust()
+
+
+def _pin_files_check_proxy(args: argparse.Namespace) -> None:
+    if args.proxy:
+        try:
+            parse_proxy(args.proxy, "--proxy")
+        except ProxyError as exc:
+            raise CliError(str(exc)) from None
+
+
+def _pin_files(args: argparse.Namespace, config_path: Path) -> dict[str, Any]:
+    """Config fields for the TLS pin and proxy; --ca-file is copied beside the config (0600)."""
+    fields: dict[str, Any] = {"proxy": args.proxy or ""}
+    trust = _enroll_trust(args)
+    fields["tls_fingerprint"] = trust.fingerprint
+    if trust.ca_file is not None:
+        copy = config_path.absolute().with_suffix(".tracker-ca.pem")
+        if trust.ca_file.absolute() != copy:
+            write_private(copy, trust.ca_file.read_bytes())
+        fields["tls_ca_file"] = copy
+    return fields
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -144,6 +192,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     files = EnrollFiles.for_config(_config_path(args), args.key_file)
     if not 0 < args.target_port < 65536:
         raise CliError("--target-port must be between 1 and 65535")
+    _enroll_trust(args)  # a bad pin or proxy is refused before any key is made
+    _pin_files_check_proxy(args)
     key, reused = _key_for(files.key, args.new_key, "device key")
     host_key = None
     if args.target == "builtin":
@@ -171,6 +221,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 target_port=args.target_port,
                 host_key_file=files.host_key if host_key else None,
                 tunnel_mode=reply.tunnel_mode,
+                **_pin_files(args, files.config),
             )
         )
     )
@@ -297,7 +348,13 @@ class RemoteStatus:
 async def _remote_status(config: ClientConfig) -> RemoteStatus:
     """GET the device's own status; a refusal is a status too (403 revoked, 404 unknown)."""
     key = asyncssh.read_private_key(str(config.key_file))
-    async with TrackerClient(config.tracker_url, device_id=config.device_id, key=key) as t:
+    async with TrackerClient(
+        config.tracker_url,
+        device_id=config.device_id,
+        key=key,
+        proxy=config.proxy,
+        trust=tls_trust(config),
+    ) as t:
         try:
             view = await t.device_status()
         except TrackerError as exc:
@@ -359,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--serial", help="serial to report (default: DMI serial or machine id)")
     enroll.add_argument("--target-host", default="127.0.0.1", help="sshd address")
     enroll.add_argument("--target-port", type=int, default=22, help="sshd port (default 22)")
+    enroll.add_argument(
+        "--ca-file",
+        help="pin this CA (or the tracker's own certificate, PEM) for HTTPS and WSS",
+    )
+    enroll.add_argument(
+        "--tracker-fingerprint",
+        help="pin the tracker's TLS certificate by fingerprint (SHA256:..., from rly)",
+    )
+    enroll.add_argument(
+        "--proxy",
+        help="HTTP CONNECT proxy, http://[user:pass@]host:port (default: $HTTPS_PROXY)",
+    )
     enroll.add_argument(
         "--key-file", help="device key (default: CONFIG-NAME.key next to the config file)"
     )

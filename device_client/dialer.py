@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import asyncssh
 
+from core.data_wire import CAPABILITY
 from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
 from device_client.endpoints import Endpoint, default_endpoints, parse_endpoint, remembered_first
@@ -30,6 +31,7 @@ from device_client.wstransport import WebSocketTunnel
 log = logging.getLogger(__name__)
 
 STAGGER = 0.25  # RFC 8305's recommended connection attempt delay
+HEAD_START = 1.0  # the endpoint that worked last time gets this long before the next starts
 CONNECT_TIMEOUT = 15.0
 T = TypeVar("T")
 
@@ -95,7 +97,8 @@ def _ssh_options(config: ClientConfig, key: asyncssh.SSHKey, transport: str) -> 
         "mac_algs": MAC_ALGS,
         "compression_algs": None,
         # the relay records how the device came in (a CONNECT proxy is invisible to it)
-        "client_version": f"AsyncSSH_{asyncssh.__version__} rly-transport={transport}",
+        # ... and that this client dials data connections on request (core.data_wire)
+        "client_version": f"AsyncSSH_{asyncssh.__version__} rly-transport={transport} {CAPABILITY}",
     }
 
 
@@ -128,9 +131,14 @@ async def race(
     attempt: Callable[[Endpoint], Awaitable[T]],
     *,
     stagger: float = STAGGER,
+    head_start: float | None = None,
     discard: Callable[[T], Awaitable[None]] | None = None,
 ) -> tuple[Endpoint, T, list[tuple[Endpoint, str]]]:
-    """Staggered parallel attempts; (winner, its result, [(loser, reason)]) or RelayUnreachable."""
+    """Staggered parallel attempts; (winner, its result, [(loser, reason)]) or RelayUnreachable.
+
+    `head_start` replaces the first stagger (RFC 8305 lets history set the delay): a
+    remembered endpoint that is slow to answer (TLS, a proxy) is not raced at once.
+    """
     waiting = list(candidates)
     running: dict[asyncio.Task[T], Endpoint] = {}
     failures: list[tuple[Endpoint, str]] = []
@@ -141,11 +149,13 @@ async def race(
 
     if waiting:
         start_next()
+    delay = stagger if head_start is None else head_start
     try:
         while running:
             done, _ = await asyncio.wait(
-                running, timeout=stagger if waiting else None, return_when=asyncio.FIRST_COMPLETED
+                running, timeout=delay if waiting else None, return_when=asyncio.FIRST_COMPLETED
             )
+            delay = stagger
             if not done:
                 start_next()  # the stagger passed with no answer: start the next one too
                 continue
@@ -192,8 +202,12 @@ async def dial_relay(
 ) -> Dialled:
     """Log in to the relay over the first endpoint that works (the last good one tried first)."""
     order = remembered_first(config_endpoints(config), last_good)
+    remembered = bool(order) and str(order[0]) == last_good
     _endpoint, dialled, failures = await race(
-        order, lambda e: dial_endpoint(config, key, e), discard=_close
+        order,
+        lambda e: dial_endpoint(config, key, e),
+        head_start=HEAD_START if remembered else None,
+        discard=_close,
     )
     first = "last good, tried first" if str(dialled.endpoint) == last_good else "first to answer"
     failed = f"; failed: {', '.join(str(e) for e, _ in failures)}" if failures else ""

@@ -20,6 +20,8 @@ from urllib.parse import quote, unquote, urlsplit
 MAX_REPLY_HEADER = 16 * 1024
 ENV_PROXY = ("HTTPS_PROXY", "https_proxy")
 ENV_NO_PROXY = ("NO_PROXY", "no_proxy")
+AUTH_REFUSED = ("407", "401")  # tinyproxy answers a bad password with 401
+AUTH_HINT = " (check the proxy user and password)"
 
 
 class ProxyError(OSError):
@@ -162,7 +164,7 @@ async def connect_through(proxy: Proxy, host: str, port: int) -> socket.socket:
             raise ProxyError(f"{where} sent a reply that is not HTTP")
         if status[1] != "200":
             why = " ".join(status[1:])[:80]
-            hint = " (check the proxy user and password)" if status[1] == "407" else ""
+            hint = AUTH_HINT if status[1] in AUTH_REFUSED else ""
             raise ProxyError(f"{where} refused CONNECT {target}: {why}{hint}")
     except ProxyError:
         sock.close()

@@ -31,6 +31,8 @@ class ClientState:
     since: float | None = None
     tunnel_error: str | None = None  # why the tunnel is not up (last failure or end), for status
     stopped: float | None = None
+    transport: str | None = None  # how the tunnel travels: ssh, ssh+connect, wss, wss+connect
+    last_endpoint: str | None = None  # the relay endpoint that last worked: tried first next time
 
 
 def write_state(path: Path, state: ClientState) -> None:
@@ -69,7 +71,13 @@ class StateFile:
 
     def __init__(self, path: Path, config_path: Path) -> None:
         self.path = path
-        self.state = ClientState(pid=os.getpid(), started=time.time(), config_path=str(config_path))
+        previous = read_state(path)  # keeps the last good endpoint across restarts
+        self.state = ClientState(
+            pid=os.getpid(),
+            started=time.time(),
+            config_path=str(config_path),
+            last_endpoint=previous.last_endpoint if previous else None,
+        )
         write_state(path, self.state)
 
     def update(self, **changes: Any) -> None:

@@ -110,7 +110,7 @@ def create_token(
         return _page(request, portal, viewer, error=str(exc).replace("--", ""), status=400)
     tracker = portal.settings.http.public_url.rstrip("/")
     created = {
-        "command": enroll_tokens.install_command(tracker, token),
+        "command": enroll_tokens.install_command(tracker, token, portal.settings.http.tls_cert),
         "summary": f"{count} use{'s' if count != 1 else ''}, valid for {ttl or '24h'}, "
         + ("auto-accept" if auto_accept == "yes" else "devices wait for acceptance"),
     }
