@@ -11,7 +11,8 @@ A connection whose keyboard-interactive login created an approval
 serves the channel with the nested server (relay.jump_server); reject or
 expiry refuses it and disconnects the whole connection at once, with the
 reason. A password or public-key login has shown no URL before its session,
-so a jump on it is refused until a shell on that connection was approved.
+so a jump on it is refused until a shell on that connection was approved, or
+(a key login) while a remembered approval for it is live (relay.approval_cache).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import cast
 import asyncssh
 
 from relay import device_lookup
-from relay.approval_gate import Identity
+from relay.approval_gate import ApprovalGate, Identity
 from relay.context import RelayContext
 from relay.jump_server import open_nested_server
 from relay.kbdint_approval import ConnectionApproval, disconnect_soon
@@ -127,13 +128,35 @@ class JumpRequests:
             return self.approval.identity
         shared = self.approval.shared
         if shared is None:
-            raise Refused(NOT_APPROVED)
+            remembered = await self._remembered()
+            if remembered is None:
+                raise Refused(NOT_APPROVED)
+            return remembered
         decision = await shared.wait()
         if decision.status == "approved" and decision.identity is not None:
             return decision.identity
         words = OUTCOME_WORDS.get(decision.status, f"The approval request was {decision.status}.")
         disconnect_soon(self.conn, f"rly: {words}")  # after the open failure is sent
         raise Refused(f"not approved ({decision.status})")
+
+    async def _remembered(self) -> Identity | None:
+        """A key login with a live remembered approval (relay.approval_cache) may jump."""
+        login = self.conn.get_extra_info("rly_login")
+        if login is None or not getattr(login, "key_fingerprint", None):
+            return None
+        gate = ApprovalGate(
+            self.ctx,
+            login=login.login,
+            required_user_id=login.required_user_id,
+            client_ip=self.client_ip,
+            client_version=login.client_version,
+            key_fingerprint=login.key_fingerprint,
+        )
+        decision = await gate.remembered()
+        if decision is None or decision.identity is None:
+            return None
+        self.approval.identity = decision.identity  # the connection acts as them from now on
+        return decision.identity
 
     async def _device(self, identity: Identity, name: str) -> device_lookup.DeviceInfo:
         min_version = self.ctx.settings.relay.min_client_version

@@ -316,3 +316,33 @@ def test_audit_page_filters_pages_and_exports(
     bad = page.request.get(f"{base}/audit?from=yesterday")
     assert bad.status == 400
     assert re.search(r"must look like", bad.text())
+
+
+def test_remembered_approval_lets_a_key_login_proxyjump(
+    console: Console, technician_factory: TechnicianFactory
+) -> None:
+    """A key login with a live remembered approval may `ssh -J` to a device at once."""
+    first = console.key_login(technician_factory, "alice")
+    console.alice.approve(*approval_request(first))
+    first.expect(ALICE, timeout=5)
+    used = len(console.audit_rows("approval.cache_used"))
+    config = console.workdir / "jump_config"
+    config.write_text(
+        f"Host relay\n  HostName 127.0.0.1\n  Port {console.port}\n  User alice\n"
+        f"  IdentityFile {console.keys['alice']}\n  IdentitiesOnly yes\n"
+        "  PubkeyAuthentication yes\n  PasswordAuthentication no\n"
+        "  KbdInteractiveAuthentication no\n"
+        "Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+    )
+    jump = technician_factory(
+        22,
+        user="root",
+        host="nas-rec",
+        password=None,
+        args=["-F", str(config), "-J", "relay"],
+        command=["echo", "jumped-$((2*3))"],
+    )
+    jump.expect("jumped-6", timeout=15)
+    assert jump.expect_eof() == 0
+    assert len(console.audit_rows("approval.cache_used")) == used + 1
+    first.close()
