@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from approval_portal.pages import formatting
 from approval_portal.ratelimit import SlidingWindow
+from core import text
 from core.config import Settings
 from core.hub import Hub
 
@@ -66,11 +67,14 @@ def _format_time(value: datetime | None) -> str:
 
 
 def make_templates() -> Jinja2Templates:
-    """Jinja2 with autoescape forced on for every template, whatever its name."""
+    """Jinja2 with autoescape forced on for every template, whatever its name, and every
+    `{{ }}` output passed through core.text.printable first (stored text never reaches a
+    page with its control characters raw)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        finalize=text.finalize,
     )
     env.filters["utc"] = _format_time
     env.filters.update(formatting.FILTERS)  # short/exact/ago/since/bytes (pages/formatting.py)

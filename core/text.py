@@ -24,6 +24,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from markupsafe import Markup
+
 
 def escape_char(ch: str) -> str:
     """The visible escape of one character."""
@@ -48,10 +50,15 @@ def printable_lines(text: str) -> str:
 
 
 def finalize(value: Any) -> Any:
-    """Jinja2 `finalize` hook: every `{{ }}` string is filtered before autoescaping."""
+    """Jinja2 `finalize` hook: every `{{ }}` string is filtered before autoescaping.
+
+    Markup (HTML the code built itself, such as the QR code's SVG) stays Markup and
+    keeps its line breaks; plain strings are values and keep nothing.
+    """
+    if isinstance(value, Markup):
+        return Markup(printable_lines(str(value)))  # noqa: S704 - only escapes are added
     if isinstance(value, str):
-        filtered = printable(value)
-        return value if filtered == value else type(value)(filtered)  # keeps Markup as Markup
+        return printable(value)
     return value
 
 

@@ -13,6 +13,7 @@ from core.config import ConfigError, Settings, load_settings
 from core.db import DatabaseError
 from core.keys import KeyFileError
 from core.logs import setup_logging
+from core.text import printable, printable_output
 from core.validate import InvalidInput
 from rly import admin
 
@@ -65,9 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, args.only)
         if args.command == "db":
             return _db_upgrade(settings)
-        return admin.run(args, settings)
+        with printable_output():  # stored text reaches the terminal escaped (core.text)
+            return admin.run(args, settings)
     except (ConfigError, KeyFileError, DatabaseError, InvalidInput) as exc:
-        print(f"rly: {exc}", file=sys.stderr)
+        print(f"rly: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C at a prompt or mid-command: one line, nothing changed
         print("rly: interrupted", file=sys.stderr)
