@@ -368,3 +368,40 @@ def test_pages_fit_390_and_1400_px_with_a_strict_csp(
         _no_inline_code(page)
     finally:
         anonymous.close()
+
+
+def test_repair_close_and_tunnel_mode_from_the_device_page_reach_the_device(
+    console: Console, admin: Page
+) -> None:
+    """Repair gives the real device a new tunnel; on-demand then Close tunnel leaves it
+    down; persistent brings it back: the relay and the client act on the portal's rows."""
+    assert console.device_id, "needs the enrolled device"
+    device_id = console.device_id
+
+    def open_tunnel() -> int | None:
+        with console.sessions() as s:
+            return s.scalar(
+                select(Tunnel.id).where(Tunnel.device_id == device_id, Tunnel.closed_at.is_(None))
+            )
+
+    first = wait_for(open_tunnel, 15, "the device's tunnel")
+    admin.goto(console.url(f"/devices/{device_id}"))
+    admin.get_by_role("button", name="Repair tunnel").click()
+    expect(admin.get_by_text("Asked the device to reconnect its tunnel.")).to_be_visible()
+    wait_for(lambda: (open_tunnel() or first) != first, 15, "a new tunnel after repair")
+
+    admin.get_by_label("Tunnel mode").select_option("on-demand")
+    admin.get_by_role("button", name="Save").click()
+    expect(admin.get_by_text("Tunnel mode saved")).to_be_visible()
+    time.sleep(1.0)  # the device's long poll answers the mode change at once
+    admin.get_by_role("button", name="Close tunnel").click()
+    wait_for(lambda: open_tunnel() is None, 15, "the tunnel closed")
+    time.sleep(3.0)
+    assert open_tunnel() is None, "an on-demand device reopened its tunnel by itself"
+
+    admin.goto(console.url(f"/devices/{device_id}"))
+    admin.get_by_label("Tunnel mode").select_option("persistent")
+    admin.get_by_role("button", name="Save").click()
+    wait_for(open_tunnel, 15, "the persistent tunnel back")
+    with console.sessions() as s:
+        assert s.get_one(Device, device_id).tunnel_mode == "persistent"
