@@ -133,6 +133,8 @@ def user_action(
     try:
         with portal.sessions() as session, session.begin():
             user = users.account_user(session, account_id=_scope(viewer), username=username)
+            if user.is_superadmin and not viewer.is_superadmin:
+                raise InvalidInput("only a superadmin may change a superadmin")
             if action in ("disable", "enable"):
                 users.set_disabled(
                     session, user=user, disabled=action == "disable", actor=actor, source_ip=ip

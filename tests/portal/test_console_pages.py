@@ -259,8 +259,13 @@ def test_user_added_and_ssh_keys_added_and_removed(env: PortalEnv) -> None:
 
 
 def test_other_accounts_users_are_out_of_reach(env: PortalEnv) -> None:
-    """An admin cannot see or change a user of another account."""
+    """An admin cannot see or change a user of another account, nor a superadmin of their own."""
     admin, _ = _login(env, "alice", role="admin")
+    env.add_user("root", role="admin", superadmin=True)
+    refused = admin.post("/users/root/reset-totp")
+    assert refused.status_code == 400 and "only a superadmin" in refused.text
+    with env.sessions() as s:
+        assert s.scalars(select(User).where(User.username == "root")).one().totp_confirmed
     env.add_user("olga", role="admin", account="other")
     assert admin.http.get("/users/olga").status_code == 404
     assert admin.post("/users/olga/disable").status_code == 404
