@@ -187,21 +187,28 @@ def _device_list(session: Session, args: argparse.Namespace, _s: Settings) -> No
     query = select(Device, Account.name).join(Account).order_by(Account.name, Device.hostname)
     if args.account:
         query = query.where(Account.id == accounts.get_account(session, args.account).id)
-    print(
-        f"{'ID':<11} {'STATUS':<9} {'ACCOUNT':<12} {'HOSTNAME':<20} {'SERIAL':<16} "
-        f"{'LAST CHECK-IN':<20} FINGERPRINT"
-    )
+    rows = [("ID", "STATUS", "ACCOUNT", "HOSTNAME", "SERIAL", "LAST CHECK-IN", "FINGERPRINT")]
     for device, account_name in session.execute(query):
         seen = (
             device.last_checkin_at.strftime("%Y-%m-%d %H:%M:%S")
             if device.last_checkin_at
             else "never"
         )
-        print(
-            f"{device.id:<11} {_state(session, device):<9} {account_name:<12} "
-            f"{strip_controls(device.hostname)[:20]:<20} {strip_controls(device.serial)[:16]:<16} "
-            f"{seen:<20} {device.key_fingerprint}"
+        rows.append(
+            (
+                device.id,
+                _state(session, device),
+                account_name,
+                strip_controls(device.hostname),
+                strip_controls(device.serial) or "-",
+                seen,
+                device.key_fingerprint,
+            )
         )
+    # Every value whole (columns as wide as the widest), so each can be pasted into a command.
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(" ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]))
 
 
 def _state(session: Session, device: Device) -> str:

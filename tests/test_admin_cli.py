@@ -11,6 +11,7 @@ import pytest
 
 from core import audit
 from core.db import make_engine, make_sessions, upgrade
+from core.models import Device
 from rly.cli import main
 from tests.support.rly_server import REPO_ROOT
 
@@ -121,3 +122,25 @@ def test_ctrl_c_at_the_password_prompt_is_one_line(data_dir: Path) -> None:
     assert status == 130
     assert "Traceback" not in output
     assert [line for line in output.splitlines() if line.strip()] == ["rly: interrupted"]
+
+
+def test_device_list_shows_hostnames_and_serials_whole(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rly device list` cuts no hostname or serial, so each can be pasted into a command."""
+    hostname, serial = "a-hostname-much-longer-than-twenty", "SERIAL-0123456789-ABCDEFGH"
+    url = f"sqlite:///{data_dir / 'rly.sqlite3'}"
+    engine = make_engine(url)
+    try:
+        with make_sessions(engine)() as session, session.begin():
+            session.add(
+                Device(id="dddddddddd", account_id=1, hostname=hostname, serial=serial,
+                       public_key="k", key_fingerprint="SHA256:fp", status="accepted")
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+    capsys.readouterr()
+    assert rly("device", "list", data_dir=data_dir) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert row.split() == ["dddddddddd", "offline", "acme", hostname, serial, "never", "SHA256:fp"]
+    assert header.index("SERIAL") == row.index(serial)  # the columns still line up
