@@ -322,6 +322,26 @@ def test_pages_fit_390_and_1400_px_with_a_strict_csp(
                     last_checkin_at=utcnow(),
                 )
             )
+        s.add(
+            Device(
+                id="pendingdv1",
+                account_id=account_id,
+                hostname="new-nas-waiting-for-review.customer-example.internal",
+                serial="SN-PENDING-0001",
+                public_key="ssh-ed25519 AAAA",
+                key_fingerprint="SHA256:Zm9vYmFyYmF6cXV4cXV1eGNvcmdlZ3JhdWx0Z2FycGx5",
+            )
+        )
+        alice = s.scalars(select(User).where(User.username == "alice")).one()
+        approvals.create_approval(
+            s,
+            ssh_login="alice",
+            required_user_id=alice.id,
+            client_ip="2001:db8:ffff:ffff:ffff:ffff:ffff:1234",
+            client_version="SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3",
+            relay_node="relay-eu-west-1",
+            ttl=300,
+        )  # the dashboard shows both, with their buttons
     for size, name in ((NARROW, "390"), (WIDE, "1400")):
         admin.set_viewport_size(size)
         for path in _pages(console):
