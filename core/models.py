@@ -132,6 +132,7 @@ class EnrollToken(Base):
     created_by: Mapped[str] = mapped_column(String(64), default="")
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)  # 0006
     uses_total: Mapped[int | None] = mapped_column(Integer, default=None)  # 0006: uses at creation
+    form_nonce: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)  # 0006
 
 
 class RelayNode(Base):

@@ -7,11 +7,13 @@ POST that made it (never stored, never in a URL, pages are no-store).
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from approval_portal.auth import Viewer
 from approval_portal.context import Portal, PortalDep
@@ -19,10 +21,14 @@ from approval_portal.deps import AdminPostViewer, AdminViewer
 from approval_portal.security import client_ip
 from core import devices, enroll_tokens
 from core.config import parse_duration
-from core.models import Account
+from core.models import Account, EnrollToken
 from core.validate import InvalidInput
 
 router = APIRouter()
+RESUBMITTED = (
+    "This form was already used: its token exists (its command was shown once). "
+    "Revoke it below if the command was lost, and create a new one."
+)
 MAX_USES = 10_000
 MAX_TTL = 366 * 86400.0
 
@@ -45,7 +51,13 @@ def _page(
             if viewer.is_superadmin
             else [viewer.account_name]
         )
-    context = {"rows": rows, "accounts": names, "error": error, "created": created}
+    context = {
+        "rows": rows,
+        "accounts": names,
+        "error": error,
+        "created": created,
+        "nonce": secrets.token_urlsafe(16),
+    }
     return portal.render(request, "tokens.html", context, status_code=status)
 
 
@@ -93,11 +105,16 @@ def create_token(
     auto_accept: Annotated[str, Form(max_length=8)] = "",
     uses: Annotated[str, Form(max_length=16)] = "1",
     ttl: Annotated[str, Form(max_length=32)] = "24h",
+    nonce: Annotated[str, Form(max_length=64)] = "",
 ) -> Response:
     try:
         account_id = _account_id(portal, viewer, account)
         count, seconds = _uses(uses), _ttl(ttl)
         with portal.sessions() as session, session.begin():
+            if nonce and session.scalar(
+                select(EnrollToken.id).where(EnrollToken.form_nonce == nonce)
+            ):
+                raise InvalidInput(RESUBMITTED)
             token = devices.create_enroll_token(
                 session,
                 account_id=account_id,
@@ -106,8 +123,16 @@ def create_token(
                 ttl=seconds,
                 actor=viewer.username,
             )
+            if nonce:
+                row = session.scalars(
+                    select(EnrollToken).where(EnrollToken.token_hash == devices.token_hash(token))
+                ).one()
+                row.form_nonce = nonce  # unique: of two racing resubmissions one commits
     except InvalidInput as exc:
-        return _page(request, portal, viewer, error=str(exc).replace("--", ""), status=400)
+        status = 409 if str(exc) == RESUBMITTED else 400
+        return _page(request, portal, viewer, error=str(exc).replace("--", ""), status=status)
+    except IntegrityError:
+        return _page(request, portal, viewer, error=RESUBMITTED, status=409)
     tracker = portal.settings.http.public_url.rstrip("/")
     created = {
         "command": enroll_tokens.install_command(tracker, token, portal.settings.http.tls_cert),

@@ -140,8 +140,11 @@ def test_token_page_command_enrolls_a_real_client_accepted_by_fingerprint(
         "--tracker",
         console.server.base_url.replace("127.0.0.1", "localhost"),
     ]
+    admin.reload()  # the browser sends the form again: no second token, no command
+    expect(admin.get_by_text("This form was already used")).to_be_visible()
     admin.goto(console.url("/tokens"))  # the token is never shown again
     assert "rlyet_" not in admin.content()
+    expect(admin.locator("#tokens tbody tr")).to_have_count(1)
     user_ca = (console.server.data_dir / "keys" / "user_ca.pub").read_text().strip()
     sshd = console.sshds(trusted_user_ca_keys=[user_ca])
     config = console.server.workdir / "device" / "client.toml"

@@ -88,6 +88,18 @@ def test_token_created_shown_once_listed_and_revoked(env: PortalEnv) -> None:
     assert admin.post(f"/tokens/{row.id}/revoke").status_code == 400
 
 
+def test_a_resubmitted_token_form_creates_no_second_token(env: PortalEnv) -> None:
+    """Reloading the answer to the token form (same form nonce) is refused with one line."""
+    admin, _ = _login(env, "alice", role="admin")
+    nonce = re.search(r'name="nonce" value="([^"]+)"', admin.http.get("/tokens").text)
+    assert nonce
+    assert admin.post("/tokens", {"nonce": nonce.group(1)}).status_code == 200
+    again = admin.post("/tokens", {"nonce": nonce.group(1)})
+    assert again.status_code == 409 and "This form was already used" in again.text
+    assert "install-command" not in again.text
+    assert env.count(EnrollToken) == 1
+
+
 def test_technician_cannot_reach_admin_pages_or_actions(env: PortalEnv) -> None:
     """Tokens, users, revoke confirmation and device actions are refused to a technician."""
     tech, user = _login(env, "tom")
