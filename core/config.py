@@ -66,6 +66,7 @@ class RelaySettings:
     max_unauthenticated_per_source: int = 16
     max_channels_per_connection: int = 16
     node_name: str = ""  # empty: the machine's hostname
+    heartbeat_interval: float = _duration("5s")  # node registry; silent for 3 of them: gone
     public_host: str = ""  # host devices dial; empty: the host of http.public_url
     min_client_version: str = ""
     recordings: bool = True
@@ -290,6 +291,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("Config 'tracker.tunnel_mode' must be 'persistent' or 'on-demand'")
     if settings.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("Config 'log_level' must be debug, info, warning or error")
+    if settings.relay.heartbeat_interval <= 0:
+        raise ConfigError("Config 'relay.heartbeat_interval' must be positive")
     if settings.relay.keepalive_count < 1:
         raise ConfigError("Config 'relay.keepalive_count' must be at least 1")
     if settings.tracker.checkin_wait > 60:

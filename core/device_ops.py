@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.devices import request_tunnel
+from core.events import publish
 from core.models import Device, utcnow
 from core.validate import InvalidInput
 
@@ -43,6 +44,7 @@ def set_tunnel_mode(
         raise InvalidInput(f"device {device.id} is already {mode}")
     old, device.tunnel_mode = device.tunnel_mode, mode
     device.tunnel_request_at = utcnow()  # wakes the device's long poll in every process
+    publish(session, f"device:{device.id}")
     _record(session, device, "device.tunnel_mode", actor, f"mode={mode} was={old}", source_ip)
 
 

@@ -144,6 +144,13 @@ class RelayNode(Base):
     peer_address: Mapped[str] = mapped_column(String(128), default="")
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # 0007: the fleet registry (heartbeat, load, drain; gone = silent for 3 heartbeats)
+    heartbeat_interval: Mapped[float] = mapped_column(default=5.0)
+    tunnels: Mapped[int] = mapped_column(Integer, default=0)
+    sessions: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="live")  # live | draining
+    drain_deadline: Mapped[datetime | None] = mapped_column(default=None)
+    gone_at: Mapped[datetime | None] = mapped_column(default=None)  # declared gone, rows closed
 
 
 class Tunnel(Base):

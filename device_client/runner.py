@@ -22,6 +22,7 @@ import asyncssh
 from device_client import __version__
 from device_client.api import CheckinReply, TrackerClient, TrackerError
 from device_client.config import ClientConfig
+from device_client.placement import placed
 from device_client.state import StateFile
 from device_client.tunnel import STABLE_AFTER, Backoff, Tunnel, open_tunnel
 
@@ -257,6 +258,7 @@ class Runner:
             log.info("device status %s", reply.status)
             self._device_status = reply.status
         self.state.update(last_checkin=time.time(), checkin_result="ok", device_status=reply.status)
+        self.config = placed(self.config, reply.relays)  # the tracker's relay order (issue 11)
         if reply.tunnel_mode in ("persistent", "on-demand"):
             self.mode = reply.tunnel_mode
         if reply.status != "accepted":

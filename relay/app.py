@@ -12,6 +12,7 @@ import asyncssh
 
 from relay.context import RelayContext
 from relay.device_server import make_device_server
+from relay.drain import run_drain_watch
 from relay.node import close_stale_rows, register_node, run_node_heartbeat
 from relay.recording_retention import run_retention
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
@@ -98,6 +99,7 @@ async def start_relay(ctx: RelayContext) -> Relay:
     await register_node(ctx)
     relay = Relay(ctx, acceptors)
     relay.tasks.append(asyncio.create_task(run_node_heartbeat(ctx)))
+    relay.tasks.append(asyncio.create_task(run_drain_watch(ctx)))
     relay.tasks.append(asyncio.create_task(run_retention(ctx)))
     log.info(
         "relay node=%s technician_port=%d device_ports=%s",

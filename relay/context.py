@@ -28,6 +28,7 @@ class RelayContext:
     public_host: str
     device_ports: list[int] = field(default_factory=list)  # bound ports, in dial order
     technician_port: int = 0
+    draining: bool = False  # relay.drain: refuse new device tunnels
     tunnels: TunnelRegistry = field(default_factory=TunnelRegistry)
     live: LiveSessions = field(default_factory=LiveSessions)  # this process's device sessions
 

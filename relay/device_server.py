@@ -107,7 +107,7 @@ class DeviceServer(asyncssh.SSHServer):
         conn.reload_config = _keep_listener_options  # type: ignore[method-assign]
         peer = conn.get_extra_info("peername") or ("", 0)
         self._peer_ip, self._peer_port = str(peer[0]), int(peer[1])
-        if not self._limiter.admit(self._peer_ip):  # the limiter logs refusals
+        if self._ctx.draining or not self._limiter.admit(self._peer_ip):  # drain; limiter logs
             conn.abort()
             return
         self._counted = True

@@ -19,7 +19,7 @@ from core.db import check_connection, make_engine, make_sessions, upgrade
 from core.keys import ensure_private_dir
 from core.models import Account, AuditEvent, Device, utcnow
 from core.validate import InvalidInput, strip_controls
-from rly import console_admin
+from rly import console_admin, fleet_admin
 
 ACTOR = "cli"
 Common = Callable[[argparse.ArgumentParser], None]
@@ -79,6 +79,7 @@ def add_admin_parsers(sub: Any, common: Common) -> None:
     p.add_argument("--limit", type=int, default=1000)
     common(p)
     console_admin.add_parsers(sub, acc, p, common)
+    fleet_admin.add_parsers(sub, dev, common)
 
 
 def open_sessions(settings: Settings) -> Any:
@@ -94,7 +95,9 @@ def open_sessions(settings: Settings) -> Any:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     key = (args.command, getattr(args, "action", None))
-    handler: console_admin.Handler = HANDLERS.get(key) or console_admin.HANDLERS[key]
+    handler: console_admin.Handler = (
+        HANDLERS.get(key) or fleet_admin.HANDLERS.get(key) or console_admin.HANDLERS[key]
+    )
     sessions = open_sessions(settings)
     with sessions() as session, session.begin():
         status = handler(session, args, settings)

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from core.models import Device, utcnow
 from tracker.auth import SignedRequest, Verifier
 from tracker.errors import ApiError
+from tracker.placement import HOLDS_TUNNEL
 from tracker.schemas import Action, CheckinRequest
 
 ACTIONS: frozenset[str] = frozenset({"open", "close", "reconnect"})
@@ -179,9 +180,11 @@ def take_action_on(conn: Connection, *, device_id: str, state: DeviceState, ack:
     """
     if state.status != "accepted" or state.request not in ACTIONS:
         return NOTHING_DUE
+    # an `open` for a device that holds a tunnel on some node already is cleared, never sent
+    held = state.request == "open" and conn.execute(HOLDS_TUNNEL, {"p_id": device_id}).first()
     due = Due(cast(Action, state.request), action_id(state.request_at))
-    if ack is not None and ack != due.action_id:
+    if ack is not None and ack != due.action_id and not held:
         return due
     params = {"p_id": device_id, "p_request": state.request, "p_at": state.request_at}
     conn.execute(_CLEAR_NULL if state.request_at is None else _CLEAR_AT, params)
-    return NOTHING_DUE if ack is not None else due
+    return NOTHING_DUE if ack is not None or held else due

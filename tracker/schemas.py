@@ -123,6 +123,11 @@ class CheckinRequest(_Strict):
 Action = Literal["none", "open", "close", "reconnect"]
 
 
+class RelayChoice(BaseModel):
+    host: str
+    ports: list[int]
+
+
 class CheckinReply(BaseModel):
     status: Literal["pending", "accepted", "revoked"]
     action: Action
@@ -130,6 +135,7 @@ class CheckinReply(BaseModel):
     tunnel_mode: str
     next_checkin: float
     server_time: float
+    relays: list[RelayChoice] | None = None  # issue 11: the relays to dial, in order
 
 
 class TunnelView(BaseModel):

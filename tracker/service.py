@@ -29,6 +29,7 @@ from tracker.auth import SignedRequest, Verifier
 from tracker.batch import BatchWriter
 from tracker.checkins import DeviceState, Due
 from tracker.errors import ApiError
+from tracker.placement import Placement, enroll_endpoints
 from tracker.schemas import (
     CheckinReply,
     CheckinRequest,
@@ -51,6 +52,7 @@ class Tracker:
         engine = self.sessions.kw["bind"]
         assert isinstance(engine, Engine)
         self._writer = BatchWriter(engine, name="tracker-checkins")
+        self._placement = Placement(self.sessions)
 
     # -- enrollment ----------------------------------------------------------
 
@@ -61,7 +63,7 @@ class Tracker:
         mode = self.settings.tracker.tunnel_mode
         with self.sessions() as session, session.begin():
             device = registry.enroll(session, body=body, tunnel_mode=mode, source_ip=source_ip)
-            hosts, ports = registry.relay_endpoints(session)
+            hosts, ports = enroll_endpoints(session, device.id) or registry.relay_endpoints(session)
         metrics.inc("rly_enrollments_total")  # committed
         relay = self.settings.relay
         return EnrollReply(
@@ -102,6 +104,7 @@ class Tracker:
             tunnel_mode=state.tunnel_mode,
             next_checkin=0.0 if wait > 0 else self.settings.tracker.checkin_interval,
             server_time=time.time(),
+            relays=await self._placement.relays_for(device_id),
         )
 
     def _record_known(
