@@ -59,6 +59,7 @@ class RelaySettings:
     gate_password: str = "partner"  # noqa: S105
     approval_ttl: float = _duration("5m")
     connect_timeout: float = _duration("30s")
+    data_connect_timeout: float = _duration("3s")  # then the session uses the tunnel
     keepalive_interval: float = _duration("30s")
     keepalive_count: int = 3
     login_grace: float = _duration("30s")

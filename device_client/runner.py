@@ -15,7 +15,7 @@ import platform
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -24,7 +24,10 @@ from device_client.api import CheckinReply, TrackerClient, TrackerError
 from device_client.config import ClientConfig
 from device_client.placement import placed
 from device_client.state import StateFile
-from device_client.tunnel import STABLE_AFTER, Backoff, Tunnel, open_tunnel
+from device_client.tunnel import STABLE_AFTER, Activity, Backoff, Tunnel, open_tunnel
+
+if TYPE_CHECKING:
+    from device_client.data_sessions import DataDialer
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,7 @@ class Runner:
         self._report_now = True  # next check-in is answered at once (first, or after a change)
         self._checkin_error: str | None = None
         self._device_status: str | None = None
+        self._dialer: DataDialer | None = None  # for dials that come with no tunnel up
         self._acked: int | None = None  # last action id received; None: the tracker has no acks
 
     def _set_want(self, want: bool, *, drop: bool = False) -> None:
@@ -265,6 +269,8 @@ class Runner:
             if self.want_up:
                 self._set_want(False, drop=True)
             return
+        for dial in reply.dials:  # data connections asked for through the tracker
+            self._data_dialer().request(dial)
         if action != "none":
             log.info("tracker asks: %s", action)
         if action == "reconnect":  # no tunnel (lost, or connecting): just come back now
@@ -274,6 +280,16 @@ class Runner:
             self._set_want(self.mode == "persistent", drop=True)
         elif (action == "open" or self.mode == "persistent") and not self.want_up:
             self._set_want(True)
+
+    def _data_dialer(self) -> DataDialer:
+        """The live tunnel's dialer (its activity keeps an on-demand tunnel up), else our own."""
+        if self.tunnel is not None and self.tunnel.dialer is not None:
+            return self.tunnel.dialer
+        if self._dialer is None:
+            from device_client.data_sessions import DataDialer
+
+            self._dialer = DataDialer(self.config, Activity())
+        return self._dialer
 
     async def _checkin_once(self) -> CheckinReply | None:
         """One long poll; None when a tunnel change cut it short (check in again)."""

@@ -15,18 +15,23 @@ import os
 import pty
 import pwd
 import signal
+import socket
 import struct
 import termios
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from core.data_wire import CONTROL_HOST
 from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
 from device_client.tunnel import Activity
+
+if TYPE_CHECKING:
+    from device_client.data_sessions import DataDialer
 
 log = logging.getLogger(__name__)
 
@@ -394,10 +399,55 @@ def load_host_key(path: Path) -> asyncssh.SSHKey:
     return asyncssh.read_private_key(str(path))
 
 
+class _ControlAware:
+    """asyncssh.listen's tunnel: the relay's control channels (core.data_wire) go to the
+    dialer instead of the builtin server."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, dialer: DataDialer) -> None:
+        self._conn = conn
+        self._dialer = dialer
+
+    async def create_server(
+        self, factory: Callable[[str, int], Any], _host: str, port: int
+    ) -> asyncssh.SSHListener:
+        def dispatch(orig_host: str, orig_port: int) -> Any:
+            if orig_host == CONTROL_HOST:
+                return self._dialer.control_session()
+            return factory(orig_host, orig_port)
+
+        return await self._conn.create_server(dispatch, "", port)
+
+
 async def serve_builtin(
-    conn: asyncssh.SSHClientConnection, config: ClientConfig, activity: Activity
+    conn: asyncssh.SSHClientConnection,
+    config: ClientConfig,
+    activity: Activity,
+    dialer: DataDialer | None = None,
 ) -> asyncssh.SSHAcceptor:
     """Ask the relay for the remote forward and serve SSH on the channels it opens."""
+    tunnel: Any = conn if dialer is None else _ControlAware(conn, dialer)
+    return await asyncssh.listen(
+        "",
+        0,
+        tunnel=tunnel,
+        server_factory=lambda: _TargetServer(config.login_user, config.user_ca, activity),
+        **_builtin_options(config),
+    )
+
+
+async def serve_builtin_stream(
+    sock: socket.socket, config: ClientConfig, activity: Activity
+) -> None:
+    """Serve one data connection with the builtin server, directly on its socket."""
+    conn = await asyncssh.run_server(
+        sock,
+        server_factory=lambda: _TargetServer(config.login_user, config.user_ca, activity),
+        **_builtin_options(config),
+    )
+    await conn.wait_closed()
+
+
+def _builtin_options(config: ClientConfig) -> dict[str, Any]:
     if config.host_key_file is None:
         raise OSError("config key 'host_key_file' is missing (needed by target 'builtin')")
     options: dict[str, Any] = {
@@ -415,13 +465,7 @@ async def serve_builtin(
         "compression_algs": None,
         "config": None,
     }
-    return await asyncssh.listen(
-        "",
-        0,
-        tunnel=conn,
-        server_factory=lambda: _TargetServer(config.login_user, config.user_ca, activity),
-        **options,
-    )
+    return options
 
 
 async def fetch_sshd_host_key(host: str, port: int, timeout: float = 5.0) -> str | None:

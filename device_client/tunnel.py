@@ -14,11 +14,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncssh
 
+from core.data_wire import CAPABILITY, CONTROL_HOST
 from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
+
+if TYPE_CHECKING:
+    from device_client.data_sessions import DataDialer
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +178,27 @@ async def connect_relay(
         encryption_algs=ENCRYPTION_ALGS,
         mac_algs=MAC_ALGS,
         compression_algs=None,
+        # tells the relay that this client dials data connections on request (core.data_wire)
+        client_version=f"AsyncSSH_{asyncssh.__version__} {CAPABILITY}",
     )
 
 
 async def forward_to_target(
-    conn: asyncssh.SSHClientConnection, config: ClientConfig, activity: Activity
+    conn: asyncssh.SSHClientConnection,
+    config: ClientConfig,
+    activity: Activity,
+    dialer: DataDialer | None = None,
 ) -> int:
-    """Ask the relay for the remote forward to a TCP target; return the port it gave."""
+    """Ask the relay for the remote forward to a TCP target; return the port it gave.
+
+    With a dialer, the relay's control channels (core.data_wire) go to the
+    dialer instead of the target.
+    """
     host, port = config.target_host, config.target_port
 
-    async def session_factory(_orig_host: str, _orig_port: int) -> _CountedForward:
+    async def session_factory(orig_host: str, _orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
+        if dialer is not None and orig_host == CONTROL_HOST:
+            return dialer.control_session()
         inner = await conn.forward_connection(host, port)
         return _CountedForward(inner, activity)  # type: ignore[arg-type]
 
@@ -201,9 +217,12 @@ class Tunnel:
     since: float
     activity: Activity
     server: asyncssh.SSHAcceptor | None = None
+    dialer: DataDialer | None = None  # the data connections asked for on this tunnel
 
     async def close(self) -> None:
-        """Close the connection (and the builtin server riding it)."""
+        """Close the connection (and the builtin server and data connections riding it)."""
+        if self.dialer is not None:
+            self.dialer.close()
         if self.server is not None:
             self.server.close()
         self.conn.close()
@@ -218,6 +237,7 @@ async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
 
     Raises OSError or asyncssh.Error from the last endpoint when all fail.
     """
+    from device_client.data_sessions import DataDialer
     from device_client.target import serve_builtin  # keeps pty/termios off the import path
 
     error: Exception = OSError("no relay endpoints configured")
@@ -229,13 +249,14 @@ async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
             error = exc
             continue
         activity = Activity()
+        dialer = DataDialer(config, activity, also=((host, port),))
         try:
             server = None
             if config.target == "builtin":
-                server = await serve_builtin(conn, config, activity)
+                server = await serve_builtin(conn, config, activity, dialer)
                 remote_port = server.get_port()
             else:
-                remote_port = await forward_to_target(conn, config, activity)
+                remote_port = await forward_to_target(conn, config, activity, dialer)
         except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as exc:
             # a relay that logs us in and then refuses the forward (device pending or
             # revoked) closes the connection itself; treat it like any refused endpoint
@@ -250,5 +271,6 @@ async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
             since=time.time(),
             activity=activity,
             server=server,
+            dialer=dialer,
         )
     raise error

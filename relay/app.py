@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from relay.context import RelayContext
-from relay.device_server import make_device_server
+from relay.data_port import listen_device_port
+from relay.device_server import device_limiter, make_device_server
 from relay.drain import run_drain_watch
 from relay.node import close_stale_rows, register_node, run_node_heartbeat
 from relay.recording_retention import run_retention
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Relay:
     ctx: RelayContext
-    acceptors: list[asyncssh.SSHAcceptor]
+    acceptors: list[asyncssh.SSHAcceptor | asyncio.Server]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -74,7 +75,7 @@ async def _listen(
     )
 
 
-def _bound_port(acceptor: asyncssh.SSHAcceptor) -> int:
+def _bound_port(acceptor: asyncssh.SSHAcceptor | asyncio.Server) -> int:
     return int(acceptor.sockets[0].getsockname()[1])
 
 
@@ -82,19 +83,22 @@ async def start_relay(ctx: RelayContext) -> Relay:
     """Listen on the technician port and every device port; raise OSError if one is taken."""
     s = ctx.settings.relay
     await close_stale_rows(ctx)
-    acceptors: list[asyncssh.SSHAcceptor] = []
+    acceptors: list[asyncssh.SSHAcceptor | asyncio.Server] = []
     try:
         for port in s.device_ports:
-            acceptor = await _listen(ctx, port, make_device_server(ctx))
-            acceptors.append(acceptor)
-            ctx.device_ports.append(_bound_port(acceptor))
+            limiter = device_limiter(ctx)
+            server = await listen_device_port(
+                ctx, port, limiter, make_device_server(ctx, limiter)
+            )
+            acceptors.append(server)
+            ctx.device_ports.append(_bound_port(server))
         tech_server, tech_extra = make_technician_server(ctx)
         acceptor = await _listen(ctx, s.technician_port, tech_server, **tech_extra)
         acceptors.append(acceptor)
         ctx.technician_port = _bound_port(acceptor)
     except OSError:
-        for acceptor in acceptors:
-            acceptor.close()
+        for listener in acceptors:
+            listener.close()
         raise
     await register_node(ctx)
     relay = Relay(ctx, acceptors)

@@ -23,12 +23,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
 from relay.ssh_options import algorithm_options
-from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
 CHUNK = 32768  # read size of relay.jump_pump
@@ -50,8 +49,16 @@ class Traffic:
     last_activity: float = 0.0
 
 
+class Carrier(Protocol):
+    """What the target's SSH connection rides: a DeviceTunnel or a data connection."""
+
+    async def create_connection(
+        self, session_factory: Callable[[], Any], remote_host: str, remote_port: int
+    ) -> tuple[Any, Any]: ...
+
+
 async def connect_target(
-    tunnel: DeviceTunnel,
+    tunnel: Carrier,
     *,
     login_user: str,
     key: asyncssh.SSHKey,
@@ -59,7 +66,7 @@ async def connect_target(
     pinned_host_key: str | None,
     timeout: float,
 ) -> asyncssh.SSHClientConnection:
-    """SSH to the device's target over its tunnel; HostKeyMismatch if the pin does not hold."""
+    """SSH to the device's target over `tunnel`; HostKeyMismatch if the pin does not hold."""
     known_hosts: Any = None
     if pinned_host_key:
         known_hosts = ([asyncssh.import_public_key(pinned_host_key)], [], [])

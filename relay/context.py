@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
+from relay.data_tickets import DataWaiters
 from relay.live_sessions import LiveSessions
 from relay.tunnels import TunnelRegistry
 
@@ -31,6 +32,7 @@ class RelayContext:
     draining: bool = False  # relay.drain: refuse new device tunnels
     tunnels: TunnelRegistry = field(default_factory=TunnelRegistry)
     live: LiveSessions = field(default_factory=LiveSessions)  # this process's device sessions
+    data: DataWaiters = field(default_factory=DataWaiters)  # sessions awaiting data connections
 
     async def db(self, fn: Callable[[Session], T]) -> T:
         """Run fn(session) in one transaction, off the event loop."""

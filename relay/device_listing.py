@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import SshSession, Tunnel
+from core.models import DataConnection, SshSession, Tunnel
 from core.validate import strip_controls
 from relay import device_lookup
 from relay.approval_gate import Identity
@@ -107,8 +107,22 @@ def _show(
         lines.append(
             f"Session {row.id}: user {row.username}, from {row.client_ip}, "
             f"started {when(row.started_at)}, bytes up {up} down {down}, idle {idle}"
+            f"{_path(session, row)}"
         )
     return lines
+
+
+def _path(session: Session, row: SshSession) -> str:
+    """How the session reaches the device: its data connection's peer, or the tunnel."""
+    if row.path != "data":
+        return f", path {row.path}"
+    data = session.scalar(
+        select(DataConnection).where(
+            DataConnection.session_id == row.id, DataConnection.used_at.is_not(None)
+        )
+    )
+    peer = f"{data.peer_ip}:{data.peer_port}" if data is not None else "-"
+    return f", path data, data connection from {peer}"
 
 
 def _seconds(value: float) -> str:

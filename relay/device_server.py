@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import audit, metrics
+from core.data_wire import CAPABILITY
 from core.models import utcnow
 from core.validate import strip_controls
 from relay.context import RelayContext
@@ -36,6 +37,7 @@ from relay.device_auth import (
 )
 from relay.liveness import ensure_sweeper, keepalive_options, recheck_device
 from relay.preauth import PreauthLimiter, RefusalLog
+from relay.transport_label import tunnel_transport
 from relay.tunnels import DeviceTunnel, close_tunnel_row, insert_tunnel_row
 
 log = logging.getLogger(__name__)
@@ -265,6 +267,10 @@ class DeviceServer(asyncssh.SSHServer):
             transport_port=int(local[1]),
             max_channels=s.max_channels_per_connection,
         )
+        tunnel.transport = tunnel_transport(
+            conn.get_extra_info("rly_transport"), tunnel.client_version
+        )
+        tunnel.data_capable = data_capable(tunnel.client_version)
         try:
             row_id, reason = await self._ctx.db(lambda s: self._insert(s, tunnel))
         except SQLAlchemyError as exc:
@@ -298,11 +304,12 @@ class DeviceServer(asyncssh.SSHServer):
         ensure_sweeper(self._ctx)
         self._ctx.hub.notify(f"tunnel:{tunnel.device_id}")
         log.info(
-            "tunnel up device=%s peer=%s:%d port=%d",
+            "tunnel up device=%s peer=%s:%d port=%d transport=%s",
             tunnel.device_id,
             tunnel.peer_ip,
             tunnel.peer_port,
             tunnel.transport_port,
+            tunnel.transport,
         )
 
     def _forward_closed(self) -> None:
@@ -379,6 +386,12 @@ class DeviceServer(asyncssh.SSHServer):
         self._ctx.tunnels.spawn(coro, name)
 
 
+def data_capable(client_version: str) -> bool:
+    """rly-client announces data connections in its version string; OpenSSH never gets one."""
+    words = client_version.split()
+    return CAPABILITY in words[1:] and not words[0].startswith("SSH-2.0-OpenSSH")
+
+
 async def _keep_listener_options() -> None:
     return None
 
@@ -394,11 +407,17 @@ def describe(exc: Exception | None) -> str:
     return f"connection lost: {type(exc).__name__}"
 
 
-def make_device_server(ctx: RelayContext) -> Callable[[], asyncssh.SSHServer]:
-    """The server factory for one device port (with its own pre-auth limits)."""
+def device_limiter(ctx: RelayContext) -> PreauthLimiter:
+    """One device port's pre-auth limits (shared by its tunnels and data connections)."""
     s = ctx.settings.relay
     refusals = RefusalLog(log, "device")
-    limiter = PreauthLimiter(
+    return PreauthLimiter(
         s.max_unauthenticated, s.max_unauthenticated_per_source, refusals=refusals
     )
+
+
+def make_device_server(
+    ctx: RelayContext, limiter: PreauthLimiter
+) -> Callable[[], asyncssh.SSHServer]:
+    """The server factory for one device port."""
     return lambda: DeviceServer(ctx, limiter)

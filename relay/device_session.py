@@ -9,17 +9,21 @@ requests (`session:<id>` on the hub) and the byte counts at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import asyncssh
 
+from core.validate import new_id
 from relay import session_rows
 from relay.approval_gate import Identity
 from relay.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
 from relay.context import RelayContext
+from relay.data_accept import DataStream
+from relay.data_request import request_data_connection
 from relay.device_lookup import DeviceInfo
 from relay.recording import Recording, RecordingOptions
 from relay.tunnels import DeviceTunnel
@@ -62,6 +66,7 @@ class DeviceSession(Generic[Process]):
         self.client_ip = client_ip
         self.say = say
         self.traffic = Traffic()
+        self.data_stream: DataStream | None = None  # the data connection the session runs on
 
     async def wait_for_tunnel(self) -> DeviceTunnel | None:
         """The device's tunnel on this relay, asking the device to open one if needed."""
@@ -86,19 +91,29 @@ class DeviceSession(Generic[Process]):
             self.say(GIVING_UP)
             self.say(f"Device {self.device.id} did not bring up its tunnel within {timeout:g} s.")
             return Outcome(None, None, "no tunnel")
+        session_id = new_id()
+        stream = await request_data_connection(self.ctx, tunnel, self.device.id, session_id)
         session_id = await session_rows.start(
-            self.ctx, self.identity, self.device.id, self.client_ip, self.traffic
+            self.ctx,
+            self.identity,
+            self.device.id,
+            self.client_ip,
+            self.traffic,
+            session_id=session_id,
+            path="data" if stream is not None else "tunnel",
         )
         outcome = Outcome(None, None, "connect failed")
         recording: Recording | None = None
         try:
-            conn = await self._connect(tunnel, session_id)
+            conn = await self._connect(tunnel, session_id, stream)
             if conn is None:
                 return outcome
-            async with conn:
+            async with conn, _ends_with(tunnel, self.data_stream):
                 recording = self._start_recording(session_id)
                 outcome = await self._bridge(conn, session_id, remote_command, recording)
         finally:
+            if stream is not None:
+                stream.close()
             if recording is not None:
                 recording.close()
             path = str(recording.path) if recording is not None else None
@@ -108,14 +123,15 @@ class DeviceSession(Generic[Process]):
         return outcome
 
     async def _connect(
-        self, tunnel: DeviceTunnel, session_id: str
+        self, tunnel: DeviceTunnel, session_id: str, stream: DataStream | None = None
     ) -> asyncssh.SSHClientConnection | None:
+        """SSH to the target over the data connection (if any), else through the tunnel."""
         key, cert = self.ctx.keys.user_certificate(
             session_id=session_id, username=self.identity.username, principal=self.device.login_user
         )
         try:
             conn = await connect_target(
-                tunnel,
+                stream or tunnel,
                 login_user=self.device.login_user,
                 key=key,
                 cert=cert,
@@ -128,9 +144,16 @@ class DeviceSession(Generic[Process]):
             self.say("Refusing to connect; an admin must check the device and re-pin its key.")
             return None
         except (OSError, TimeoutError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
+            if stream is not None:  # the tunnel path may still work: no session fails for this
+                log.warning("data path failed session=%s error=%s; using the tunnel",
+                            session_id, _one_line(exc))  # fmt: skip
+                stream.close()
+                await session_rows.set_path(self.ctx, session_id, "tunnel")
+                return await self._connect(tunnel, session_id)
             self.say(GIVING_UP)
             self.say(f"The device's SSH target did not answer: {_one_line(exc)}")
             return None
+        self.data_stream = stream
         if not self.device.target_host_key:
             line = host_key_line(conn)
             if line:
@@ -212,6 +235,23 @@ class DeviceSession(Generic[Process]):
                 if closed is not None:
                     return closed
                 written = now
+
+
+@contextlib.asynccontextmanager
+async def _ends_with(tunnel: DeviceTunnel, stream: DataStream | None) -> AsyncIterator[None]:
+    """A data connection ends with its device's tunnel (close DEVICE, revocation, loss) and
+    counts against the tunnel's channel cap while it runs."""
+    if stream is None:
+        yield
+        return
+    watch = asyncio.ensure_future(tunnel.closed.wait())
+    watch.add_done_callback(lambda t: None if t.cancelled() else stream.close())
+    tunnel.data_sessions += 1  # counts against the tunnel's channel cap
+    try:
+        yield
+    finally:
+        tunnel.data_sessions -= 1
+        watch.cancel()
 
 
 def _outcome(reason: str, bridge: Bridge) -> Outcome:

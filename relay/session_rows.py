@@ -45,9 +45,15 @@ async def start(
     device_id: str,
     client_ip: str,
     traffic: Traffic | None = None,
+    *,
+    session_id: str | None = None,
+    path: str = "tunnel",
 ) -> str:
-    """Write the session row; with `traffic`, `show` reads its live byte counts until `end`."""
-    session_id = new_id()
+    """Write the session row; with `traffic`, `show` reads its live byte counts until `end`.
+
+    `path` is how the session reaches the device: `data` or `tunnel` (row and audit).
+    """
+    session_id = session_id or new_id()
 
     def run(session: Session) -> None:
         session.add(
@@ -60,6 +66,7 @@ async def start(
                 device_id=device_id,
                 relay_node=ctx.node_name,
                 client_ip=client_ip,
+                path=path,
             )
         )
         audit.record(
@@ -68,7 +75,7 @@ async def start(
             actor=identity.username,
             account_id=identity.account_id,
             target=device_id,
-            detail=f"session={session_id}",
+            detail=f"session={session_id} path={path}",
             source_ip=client_ip,
         )
 
@@ -113,6 +120,13 @@ async def end(
         )
 
     await ctx.db(run)
+
+
+async def set_path(ctx: RelayContext, session_id: str, path: str) -> None:
+    """The session fell back from its data connection to the tunnel."""
+    await ctx.db(
+        lambda s: s.execute(update(SshSession).where(SshSession.id == session_id).values(path=path))
+    )
 
 
 async def poll(ctx: RelayContext, session_id: str, traffic: Traffic | None) -> str | None:

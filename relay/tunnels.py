@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core import audit
+from core.data_wire import CONTROL_HOST
 from core.models import Tunnel, utcnow
 
 log = logging.getLogger(__name__)
@@ -43,13 +45,22 @@ class DeviceTunnel:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     account_id: int | None = None
     transport_port: int = 0
+    transport: str = "ssh"  # relay.transport_label: ssh, ssh+connect, wss, wss+connect
     max_channels: int = 16
     close_reason: str | None = None
+    data_capable: bool = False  # rly-client announced data connections (core.data_wire)
     _channels: set[asyncssh.SSHTCPChannel[Any]] = field(default_factory=set)
+
+    data_sessions: int = 0  # sessions on data connections asked for on this tunnel
 
     @property
     def open_channels(self) -> int:
         return len(self._channels)
+
+    @property
+    def at_capacity(self) -> bool:
+        """Channels plus data-connection sessions reached `max_channels`."""
+        return len(self._channels) + self.data_sessions >= self.max_channels
 
     async def create_connection(
         self,
@@ -59,12 +70,13 @@ class DeviceTunnel:
     ) -> tuple[asyncssh.SSHTCPChannel[Any], asyncssh.SSHTCPSession[Any]]:
         """Open a channel back to the device, as its remote forward (ignores host/port).
 
-        At most `max_channels` channels are open at once on one tunnel, so a
-        burst of technician sessions cannot pile up on one device connection.
+        At most `max_channels` channels (and data-connection sessions) are open
+        at once on one tunnel, so a burst of technician sessions cannot pile up
+        on one device.
         """
         if self.closed.is_set():
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "tunnel is closed")
-        if len(self._channels) >= self.max_channels:
+        if self.at_capacity:
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_RESOURCE_SHORTAGE, "too many channels on this tunnel"
             )
@@ -75,6 +87,24 @@ class DeviceTunnel:
         waiter = asyncio.ensure_future(chan.wait_closed())
         waiter.add_done_callback(lambda _t: self._channels.discard(chan))
         return chan, session
+
+    async def send_dial(self, request: dict[str, Any]) -> None:
+        """Ask the device to dial a data connection: one JSON line on a control channel.
+
+        The channel is opened back through the device's forward like a session's,
+        with CONTROL_HOST as its originator so that rly-client tells it apart; it
+        is closed as soon as the line is written.
+        """
+        if self.closed.is_set() or not self.data_capable:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "no control channel")
+        _reader, writer = await self.conn.open_connection(
+            self.listen_host, self.listen_port, CONTROL_HOST, 0, encoding=None
+        )
+        try:
+            writer.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+            writer.write_eof()
+        finally:
+            writer.close()
 
     def close(self, reason: str) -> None:
         """Disconnect the device; the row is closed with `reason` once the connection ends."""
@@ -144,6 +174,7 @@ def insert_tunnel_row(session: Session, tunnel: DeviceTunnel, node: str) -> int:
         peer_port=tunnel.peer_port,
         transport_port=tunnel.transport_port,
         client_version=tunnel.client_version[:128],
+        transport=tunnel.transport,
         connected_at=tunnel.connected_at,
         last_keepalive_at=tunnel.connected_at,
     )
@@ -155,7 +186,10 @@ def insert_tunnel_row(session: Session, tunnel: DeviceTunnel, node: str) -> int:
         actor=f"device:{tunnel.device_id}",
         account_id=tunnel.account_id,
         target=tunnel.device_id,
-        detail=f"node={node} port={tunnel.transport_port} client={tunnel.client_version[:64]}",
+        detail=(
+            f"node={node} port={tunnel.transport_port} transport={tunnel.transport} "
+            f"client={tunnel.client_version[:64]}"
+        ),
         source_ip=tunnel.peer_ip,
     )
     return row.id

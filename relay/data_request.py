@@ -1,0 +1,69 @@
+"""Ask a device for a session's data connection and wait for it, briefly.
+
+The ticket is stored (hashed) first, then the dial request goes over the
+device's tunnel on a control channel; the session waits at most
+`relay.data_connect_timeout` in all. None means "use the tunnel": a plain
+OpenSSH device (no capability), a timeout of 0, a device that did not dial in
+time, or any error on the way. The fallback is the path every session took
+before data connections existed, so no session fails that worked then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncssh
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.context import RelayContext
+from relay.data_accept import DataStream
+from relay.data_tickets import dial_request, new_ticket, store_ticket
+from relay.tunnels import DeviceTunnel
+
+log = logging.getLogger(__name__)
+
+
+def endpoints(ctx: RelayContext) -> list[tuple[str, int]]:
+    """This relay's device endpoints, in dial order (what its tunnels use)."""
+    return [(ctx.public_host, port) for port in ctx.device_ports]
+
+
+async def request_data_connection(
+    ctx: RelayContext, tunnel: DeviceTunnel, device_id: str, session_id: str
+) -> DataStream | None:
+    """The session's data connection, or None to use the tunnel."""
+    timeout = ctx.settings.relay.data_connect_timeout
+    if timeout <= 0 or not tunnel.data_capable or tunnel.at_capacity:
+        return None  # at capacity the tunnel path refuses it with today's words
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    ticket = new_ticket()
+    waiter = ctx.data.expect(session_id, device_id)
+    try:
+        await ctx.db(
+            lambda s: store_ticket(
+                s, ticket=ticket, device_id=device_id, session_id=session_id, node=ctx.node_name
+            )
+        )
+        request = dial_request(
+            ticket=ticket, session_id=session_id, node=ctx.node_name, endpoints=endpoints(ctx)
+        )
+        await asyncio.wait_for(tunnel.send_dial(request), deadline - loop.time())
+        return await asyncio.wait_for(asyncio.shield(waiter.arrived), deadline - loop.time())
+    except (
+        TimeoutError,
+        OSError,
+        asyncssh.Error,
+        asyncssh.ChannelOpenError,
+        SQLAlchemyError,
+    ) as exc:
+        arrived = waiter.arrived
+        if arrived.done() and not arrived.cancelled():  # it came as the wait ran out: use it
+            stream: DataStream = arrived.result()
+            return stream
+        log.info("no data connection device=%s session=%s (%s); using the tunnel",
+                 device_id, session_id, type(exc).__name__)  # fmt: skip
+        return None
+    finally:
+        ctx.data.forget(session_id)
