@@ -170,7 +170,7 @@ class Fleet:
 
     def technician(self, relay: RlyServer) -> Technician:
         host = relay.config["relay"]["listen"]
-        return Technician(relay.technician_port, host=host)
+        return Technician(relay.technician_port, host=host, timeout=20)
 
     def stop(self) -> None:
         for user in self.users:

@@ -122,6 +122,22 @@ def _drop_delay(fleet: Fleet, device_id: str, tunnel_id: int) -> float:
     return wait_for(closed, 10, f"tunnel {tunnel_id} closed")
 
 
+def test_listener_reconnects_after_losing_its_connection(fleet: Fleet, alice: PortalUser) -> None:
+    """A LISTEN connection killed on the server comes back within seconds and events flow again."""
+    with fleet.db() as s, s.begin():
+        killed = s.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'rly events relay-b'"
+            )
+        )
+    assert killed == 1
+    wait_for(lambda: "rly events relay-b" in listeners(fleet), 10, "relay-b listening again")
+    tech, delay = approved_technician(fleet, "relay-b", alice)
+    tech.close()
+    assert delay < CONTRACT
+
+
 def test_polling_fallback_without_listen(fleet: Fleet, alice: PortalUser) -> None:
     """A relay with database_notify = false holds no LISTEN and still sees approvals in 1 s."""
     fleet.add_relay("relay-c", "127.0.1.3", database_notify=False)
