@@ -250,3 +250,20 @@ def test_alice_key_as_bob_is_refused(env: Env, tmp_path: Path) -> None:
             await _login(env, "bob", client, "publickey")
 
     asyncio.run(scenario())
+
+
+def test_kbdint_round_then_password_login_records_password(env: Env) -> None:
+    """A kbdint round as the gate user, then a password login as the same user: the audit says
+    password, the kbdint request is abandoned, the session asks with a request of its own."""
+    before = len(env.db.actions("technician.login"))
+    client = Switcher([], then_user=GATE, stop_kbdint_after_password=True)
+
+    async def scenario() -> str:
+        async with await _login(env, GATE, client, "keyboard-interactive,password") as conn:
+            return await _approve_as(env, conn, Switcher([], then_user=GATE), "bob")
+
+    assert "rly:bob@acme> " in asyncio.run(scenario())
+    shown = re.search(URL_RE, "".join(client.instructions))
+    assert shown is not None, client.instructions
+    wait_until(lambda: env.db.approval(shown.group(2)).status == "abandoned")
+    assert "method=password " in _last_login(env, GATE, before)
