@@ -15,6 +15,8 @@ keyboard-interactive to password: every OpenSSH gate login takes this path,
 including interactive ones, and those keep the in-session wait (countdown,
 Ctrl-C withdraws, the rejection/expiry words on the terminal, all visible even
 with `-q`/LogLevel=ERROR, which hides keyboard-interactive instructions). The
+session does not print the block a second time (`shown_at_login`): one waiting
+line, and Enter shows the block for a client that hid it. The
 menu session and the ProxyJump channel both wait on the one `SharedApproval`
 of the connection, so nobody is asked to approve twice; nothing but the
 approval text is reachable before the decision (the menu waits, a jump
