@@ -25,18 +25,21 @@ TARGETS = [Target("connect→prompt", "rly", "<=", 0.5, "proxyjump")]
 def run(topo: Topology, scale: Scale) -> LegResult:
     """Alternate ProxyJump logins and rly connects."""
     result = LegResult("connect_time", targets=TARGETS)
-    result.notes.append("rly: menu `connect` with the tunnel up; baseline: full `ssh -J` login")
+    result.notes.append(
+        "rly paths: menu `connect` with the tunnel up (rly, rly-builtin: including the data"
+        " connection's set-up); baseline: full `ssh -J` login"
+    )
     if "rly" in topo.unavailable or topo.menu is None:
         result.unavailable["rly"] = topo.unavailable.get("rly", "no approved technician session")
-    for _, name in interleaved(scale.connects, ["proxyjump", "rly"]):
+    for _, name in interleaved(scale.connects, ["proxyjump", *topo.menus]):
         if name in result.unavailable:
             continue
         try:
-            seconds = (
-                rly_connect(topo.menu, topo.device_id)
-                if name == "rly" and topo.menu is not None
-                else openssh_login(topo.logins["proxyjump"])
-            )
+            if name in topo.menus:
+                menu, device_id = topo.menus[name]
+                seconds = rly_connect(menu, device_id)
+            else:
+                seconds = openssh_login(topo.logins["proxyjump"])
         except Unavailable as exc:
             result.unavailable[name] = str(exc)
             continue

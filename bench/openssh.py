@@ -19,12 +19,13 @@ import subprocess
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncssh
 
 from bench.common import Unavailable
+from bench.cpu import Sides
 from bench.stream import Approve
 from tests.support.ports import free_port, port_accepts
 from tests.support.procs import ManagedProcess
@@ -42,7 +43,8 @@ class SshPath:
 
     `options` go before the destination, `dest` is the destination and for rly
     also `connect DEVICE`; the remote command is appended as one argument.
-    `approve` answers an approval URL printed by a session (rly only).
+    `approve` answers an approval URL printed by a session (rly only); `sides`
+    names the relay-side and device-side processes whose CPU the legs read.
     """
 
     name: str
@@ -51,6 +53,7 @@ class SshPath:
     hops: tuple[str, ...]
     control: Path | None = None
     approve: Approve | None = None
+    sides: Sides = field(default_factory=Sides)  # relay and device processes (CPU)
 
     def command(self, remote: str, *, tty: bool = False, mux: bool = True) -> list[str]:
         """The argv running `remote`; `tty` asks for a remote PTY (-tt), `mux` uses the master."""
@@ -98,8 +101,9 @@ def start_sshd(work: Path, stack: ExitStack, key: ClientKey, ca_keys: Sequence[s
 
 def start_reverse_tunnel(
     work: Path, stack: ExitStack, key: ClientKey, jump: OpenSshd, device: OpenSshd
-) -> int:
-    """The device runs `ssh -N -R` to the jump sshd; return the tunnel's port on the jump host."""
+) -> tuple[int, int]:
+    """The device runs `ssh -N -R` to the jump sshd; return the tunnel's port on the jump
+    host and the device-side `ssh` process id."""
     for _ in range(5):
         port = free_port()
         argv = [SSH, "-F", str(key.config), "-N", "-o", "ExitOnForwardFailure=yes"]
@@ -110,7 +114,7 @@ def start_reverse_tunnel(
         deadline = time.monotonic() + 10
         while proc.running and time.monotonic() < deadline:
             if port_accepts("127.0.0.1", port):
-                return port
+                return port, proc.pid
             time.sleep(0.05)
         proc.stop()
     raise Unavailable("ssh -R tunnel did not come up")
@@ -146,9 +150,16 @@ def wait_for_master(
 
 
 def baseline_paths(
-    key: ClientKey, device: OpenSshd, jump: OpenSshd, tunnel_port: int
+    key: ClientKey, device: OpenSshd, jump: OpenSshd, tunnel: tuple[int, int]
 ) -> dict[str, SshPath]:
-    """The three OpenSSH baselines of the issue, not yet multiplexed."""
+    """The three OpenSSH baselines of the issue, not yet multiplexed.
+
+    Relay side: the jump sshd and its per-connection children; device side of
+    the reverse path: the device's `ssh -R`.
+    """
+    tunnel_port, tunnel_pid = tunnel
+    assert jump.process is not None
+    jump_side = (jump.process.pid,)
     base = ("-F", str(key.config))
     dest = (f"{DEVICE_USER}@127.0.0.1",)
     via_jump = ("-J", f"{DEVICE_USER}@127.0.0.1:{jump.port}")
@@ -160,6 +171,7 @@ def baseline_paths(
             (*base, *via_jump, "-p", str(device.port)),
             dest,
             (f"ssh→jump sshd: {hop}", f"ssh→device sshd (inside): {hop}"),
+            sides=Sides(relay=jump_side),
         ),
         "reverse": SshPath(
             "reverse",
@@ -170,5 +182,6 @@ def baseline_paths(
                 f"device ssh -R→jump sshd: {hop}",
                 f"ssh→device sshd (inside both): {hop}",
             ),
+            sides=Sides(relay=jump_side, device=(tunnel_pid,)),
         ),
     }

@@ -63,11 +63,12 @@ def verdict(leg: LegResult, target: Target) -> tuple[float | None, str]:
 
 def table(legs: list[LegResult], hops: dict[str, list[str]]) -> str:
     """The human-readable report: one row per metric and path, then targets and notes."""
-    head = ("leg", "metric", "path", "median", "unit", "runs", "xdirect")
+    head = ("leg", "metric", "path", "median", "unit", "runs", "xdirect", "xreverse")
     rows: list[tuple[str, ...]] = [head]
     for leg in legs:
         for m in leg.metrics:
             vs = ratio(leg, m, "direct")
+            vr = ratio(leg, m, "reverse")
             med = "-" if m.median is None else f"{m.median:.3f}"
             rows.append(
                 (
@@ -78,6 +79,7 @@ def table(legs: list[LegResult], hops: dict[str, list[str]]) -> str:
                     m.unit,
                     str(len(m.samples)),
                     "-" if vs is None else f"{vs:.2f}x",
+                    "-" if vr is None else f"{vr:.2f}x",
                 )
             )
     lines = _columns(rows)
@@ -113,6 +115,7 @@ def to_json(
                 **dataclasses.asdict(m),
                 "median": m.median,
                 "ratio_vs_direct": ratio(leg, m, "direct"),
+                "ratio_vs_reverse": ratio(leg, m, "reverse"),
             }
             for m in leg.metrics
         ]

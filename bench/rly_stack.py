@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.common import Unavailable
+from bench.cpu import Sides
 from bench.openssh import CIPHER, SshPath, wait_for_master
 from bench.stream import URL_RE
 from core import db
@@ -94,28 +95,37 @@ def sessions_for(server: RlyServer) -> tuple[Engine, sessionmaker[Session]]:
 
 
 def enroll_device(
-    server: RlyServer, work: Path, stack: ExitStack, target_port: int, name: str = "bench-dev"
-) -> str:
-    """Enroll a real rly-client (target: the sshd on `target_port`), run it, wait for its tunnel."""
+    server: RlyServer,
+    work: Path,
+    stack: ExitStack,
+    target_port: int,
+    name: str = "bench-dev",
+    target: str = "sshd",
+) -> tuple[str, int]:
+    """Enroll a real rly-client (target: the sshd on `target_port`, or its builtin server),
+    run it, wait for its tunnel; return its device id and the `rly-client run` pid."""
     out = cli(server, "enroll-token", "create", "--account", ACCOUNT, "--auto-accept")
     token = re.search(r"token (\S+)", out)
     if token is None:
         raise Unavailable("enroll-token create printed no token")
     config = work / f"{name}.toml"
     argv = [*rly_client_argv(), "enroll", "--tracker", server.base_url, "--token", token.group(1)]
-    argv += ["--config", str(config), "--target", "sshd", "--target-port", str(target_port)]
+    argv += ["--config", str(config), "--target", target]
+    argv += ["--target-port", str(target_port)] if target == "sshd" else []
     argv += ["--hostname", name]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0:
         raise Unavailable(f"rly-client enroll: {done.stderr.strip()[-200:]}")
-    run = ManagedProcess([*rly_client_argv(), "run", "--config", str(config)], workdir=work)
+    run = ManagedProcess(
+        [*rly_client_argv(), "run", "--config", str(config)], workdir=work, name=f"client-{name}"
+    )
     stack.callback(run.stop)
     run.start()
     _wait_for_tunnel(config, run)
     found = re.search(r'device_id\s*=\s*"([^"]+)"', config.read_text())
     if found is None:
         raise Unavailable("rly-client config has no device_id")
-    return found.group(1)
+    return found.group(1), run.pid
 
 
 def _wait_for_tunnel(config: Path, run: ManagedProcess, timeout: float = 30.0) -> None:
@@ -247,9 +257,8 @@ def approve_session(tech: Technician, approver: Approver) -> float:
 
 
 @contextmanager
-def technician_master(server: RlyServer, approver: Approver, work: Path) -> Iterator[Technician]:
+def technician_master(server: RlyServer, approver: Approver, control: Path) -> Iterator[Technician]:
     """An approved `ssh -M` technician connection whose ControlMaster later sessions reuse."""
-    control = work / "mux-rly"
     tech = technician(server, args=("-M", "-S", str(control)))
     try:
         approve_session(tech, approver)
@@ -259,23 +268,45 @@ def technician_master(server: RlyServer, approver: Approver, work: Path) -> Iter
         tech.close()
 
 
-def rly_path(server: RlyServer, work: Path, device_id: str, approver: Approver) -> SshPath:
-    """The menu path `ssh partner@relay connect DEVICE 'cmd'` over the technician's master."""
+def rly_path(
+    name: str,
+    server: RlyServer,
+    control: Path,
+    device: tuple[str, int],
+    approver: Approver,
+    *,
+    data: bool,
+    target: str,
+) -> SshPath:
+    """The menu path `ssh partner@relay connect DEVICE 'cmd'` over the technician's master.
+
+    Relay side: the `rly serve` process; device side: `rly-client run` (for the builtin
+    target that includes the target's own SSH server, which sshd is on the other paths).
+    """
+    device_id, client_pid = device
     options = ["-F", "/dev/null", "-p", str(server.technician_port)]
     options += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
     options += ["-o", "LogLevel=ERROR", "-o", "EscapeChar=none", "-o", f"Ciphers={CIPHER}"]
+    far = f"device sshd: asyncssh↔OpenSSH {CIPHER}" if target == "sshd" else "builtin: asyncssh"
     hops = (
         f"ssh→relay (technician port): OpenSSH↔asyncssh {CIPHER}",
         "rly-client→relay (device tunnel): asyncssh, relay prefers aes128-gcm@openssh.com",
-        f"relay→device sshd (inside the tunnel): asyncssh↔OpenSSH {CIPHER}",
+        (
+            f"relay→{far} (per-session data connection, "
+            + ("spliced by rly-client)" if target == "sshd" else "on rly-client's socket)")
+        )
+        if data
+        else f"relay→{far} (inside the tunnel)",
     )
+    assert server.process is not None
     return SshPath(
-        "rly",
+        name,
         tuple(options),
         ("partner@127.0.0.1", "connect", device_id),
         hops,
-        work / "mux-rly",
+        control,
         approver.approve,
+        Sides(relay=(server.process.pid,), device=(client_pid,)),
     )
 
 

@@ -33,6 +33,10 @@ from tests.support.rly_server import RlyServer
 from tests.support.technician import Technician
 
 BASELINES = ("direct", "proxyjump", "reverse")
+# rly paths: "rly" is the default (per-session data connection, sshd target); "rly-builtin"
+# the same to rly-client's builtin server; "rly-tunnel" the in-tunnel path (a second relay
+# with relay.data_connect_timeout = 0, i.e. what plain OpenSSH devices and fallbacks get)
+TUNNEL_RELAY = {"relay": {"data_connect_timeout": "0s"}}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Topology:
     approver: Approver | None = None
     menu: Technician | None = None
     device_id: str = ""
+    menus: dict[str, tuple[Technician, str]] = field(default_factory=dict)  # path -> menu, device
 
     @property
     def hops(self) -> dict[str, list[str]]:
@@ -59,19 +64,25 @@ def open_topology(work: Path, *, rly: bool) -> Iterator[Topology]:
     topo = Topology(work)
     with ExitStack() as stack:
         server = _start_rly_server(topo, stack) if rly else None
-        ca_keys = [_user_ca(server)] if server is not None else []
+        tunnel_server = _start_tunnel_server(topo, stack) if server is not None else None
+        ca_keys = [_user_ca(s) for s in (server, tunnel_server) if s is not None]
         key = ClientKey(work)
         device = start_sshd(work, stack, key, ca_keys)
         jump = start_sshd(work, stack, key, [])
-        tunnel_port = start_reverse_tunnel(work, stack, key, jump, device)
-        for name, path in baseline_paths(key, device, jump, tunnel_port).items():
+        tunnel = start_reverse_tunnel(work, stack, key, jump, device)
+        for name, path in baseline_paths(key, device, jump, tunnel).items():
             topo.logins[name] = path
             topo.paths[name] = start_master(work, stack, path)
         if server is not None:
             try:
-                _start_rly_path(topo, stack, server, device.port)
+                _start_rly_paths(topo, stack, server, device.port)
             except Unavailable as exc:
                 topo.unavailable["rly"] = str(exc)
+        if tunnel_server is not None:
+            try:
+                _start_tunnel_path(topo, stack, tunnel_server, device.port)
+            except Unavailable as exc:
+                topo.unavailable["rly-tunnel"] = str(exc)
         yield topo
 
 
@@ -85,16 +96,55 @@ def _start_rly_server(topo: Topology, stack: ExitStack) -> RlyServer | None:
     return server
 
 
+def _start_tunnel_server(topo: Topology, stack: ExitStack) -> RlyServer | None:
+    work = topo.work / "tunnel-relay"
+    work.mkdir(mode=0o700, exist_ok=True)
+    try:
+        return start_server(work, stack, TUNNEL_RELAY)
+    except Unavailable as exc:
+        topo.unavailable["rly-tunnel"] = str(exc)
+        return None
+
+
 def _user_ca(server: RlyServer) -> str:
     """The relay's user CA, which the device sshd must trust (TrustedUserCAKeys)."""
     return (server.data_dir / "keys" / "user_ca.pub").read_text().strip()
 
 
-def _start_rly_path(topo: Topology, stack: ExitStack, server: RlyServer, target_port: int) -> None:
-    """Approver first (the approval leg needs only it), then the device and the technician."""
+def _start_rly_paths(topo: Topology, stack: ExitStack, server: RlyServer, target_port: int) -> None:
+    """Approver first (the approval leg needs only it), then the devices and the technician."""
     approver = Approver(server)
     stack.callback(approver.close)
     topo.approver = approver
-    topo.device_id = enroll_device(server, topo.work, stack, target_port)
-    topo.menu = stack.enter_context(technician_master(server, approver, topo.work))
-    topo.paths["rly"] = rly_path(server, topo.work, topo.device_id, approver)
+    sshd_device = enroll_device(server, topo.work, stack, target_port)
+    topo.device_id = sshd_device[0]
+    control = topo.work / "mux-rly"
+    topo.menu = stack.enter_context(technician_master(server, approver, control))
+    topo.paths["rly"] = rly_path(
+        "rly", server, control, sshd_device, approver, data=True, target="sshd"
+    )
+    topo.menus["rly"] = (topo.menu, sshd_device[0])
+    try:
+        builtin = enroll_device(server, topo.work, stack, 0, "bench-builtin", target="builtin")
+    except Unavailable as exc:
+        topo.unavailable["rly-builtin"] = str(exc)
+        return
+    topo.paths["rly-builtin"] = rly_path(
+        "rly-builtin", server, control, builtin, approver, data=True, target="builtin"
+    )
+    topo.menus["rly-builtin"] = (topo.menu, builtin[0])
+
+
+def _start_tunnel_path(
+    topo: Topology, stack: ExitStack, server: RlyServer, target_port: int
+) -> None:
+    """The in-tunnel path on its own relay (data connections off), same device sshd."""
+    approver = Approver(server)
+    stack.callback(approver.close)
+    device = enroll_device(server, topo.work, stack, target_port, "bench-tunnel-dev")
+    control = topo.work / "mux-rly-tunnel"
+    menu = stack.enter_context(technician_master(server, approver, control))
+    topo.paths["rly-tunnel"] = rly_path(
+        "rly-tunnel", server, control, device, approver, data=False, target="sshd"
+    )
+    topo.menus["rly-tunnel"] = (menu, device[0])
