@@ -333,6 +333,8 @@ class MenuSession:
                 self._line_mode(True)
         if self.process.command is None and outcome.reason not in ("no tunnel", "connect failed"):
             self.say(f"Connection to {found.id} ({found.hostname}) closed: {outcome.reason}.")
+        elif outcome.reason.startswith("closed by"):  # `ssh -t relay connect DEV`: say who
+            self.note(f"Connection to {found.id} ({found.hostname}) closed: {outcome.reason}.")
         if outcome.exit_signal is not None:
             return outcome.exit_signal
         return outcome.exit_status if outcome.exit_status is not None else 1

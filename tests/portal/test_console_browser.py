@@ -237,6 +237,29 @@ def test_terminate_ends_the_technicians_session_within_a_second_naming_who(
         ssh.close()
 
 
+def test_terminate_ends_an_exec_connect_with_the_message(
+    console: Console, admin: Page, tech: Page
+) -> None:
+    """`ssh -t relay connect DEV` terminated in the portal prints who ended it and exits."""
+    assert console.device_id, "needs the enrolled device"
+    ssh = Technician(console.server.technician_port, args=["-t"], command=["connect", "nas-portal"])
+    try:
+        link = ssh.expect(r"(http://\S+/approve/[A-Za-z0-9_-]+)").group(1)
+        tech.goto(console.server.rebase(link))
+        tech.get_by_role("button", name="Approve").click()
+        ssh.expect("Approved by tom")
+        ssh.sendline("echo ex-$((2+3))")
+        ssh.expect("ex-5", timeout=15)
+        admin.goto(console.url("/sessions"))
+        admin.locator("#live-sessions tbody tr", has_text="tom").get_by_role(
+            "button", name="Terminate"
+        ).click()
+        ssh.expect(re.escape("closed: closed by alice (portal)."), timeout=3)
+        assert ssh.expect_eof(timeout=5) != 0
+    finally:
+        ssh.close()
+
+
 def test_technician_cannot_reach_admin_pages_or_other_users_sessions(
     console: Console, admin: Page, tech: Page
 ) -> None:
