@@ -22,6 +22,7 @@ import asyncssh
 from device_client import __version__
 from device_client.api import CheckinReply, TrackerClient, TrackerError
 from device_client.config import ClientConfig
+from device_client.dialer import tls_trust
 from device_client.placement import placed
 from device_client.state import StateFile
 from device_client.tunnel import STABLE_AFTER, Activity, Backoff, Tunnel, open_tunnel
@@ -110,8 +111,11 @@ class Runner:
             relay=tunnel.relay if tunnel else None,
             port=tunnel.port if tunnel else None,
             since=tunnel.since if tunnel else None,
+            transport=tunnel.transport if tunnel else None,
             **kept,
         )
+        if tunnel is not None:
+            self.state.update(last_endpoint=tunnel.endpoint)
         if state != "connecting":
             self._tunnel_changed.set()
 
@@ -156,7 +160,7 @@ class Runner:
             self._set_tunnel("connecting")
             log.debug("tunnel connecting device=%s", self.config.device_id)
             try:
-                tunnel = await open_tunnel(self.config, self.key)
+                tunnel = await open_tunnel(self.config, self.key, self.state.state.last_endpoint)
             except (OSError, asyncssh.Error) as exc:
                 delay = backoff.next_delay()
                 self._set_tunnel("down", why=f"connect failed: {exc or type(exc).__name__}")
@@ -170,10 +174,12 @@ class Runner:
             self.tunnel = tunnel
             self._set_tunnel("up", tunnel)
             log.info(
-                "tunnel up relay=%s port=%d remote_port=%d",
+                "tunnel up relay=%s port=%d remote_port=%d endpoint=%s transport=%s",
                 tunnel.relay,
                 tunnel.port,
                 tunnel.remote_port,
+                tunnel.endpoint,
+                tunnel.transport,
             )
             reason = await self._hold(tunnel)
             await self._close_tunnel(f"tunnel ended: {reason}")
@@ -361,7 +367,13 @@ async def run_client(config: ClientConfig, config_path: Path, backoff_cap: float
         config.tunnel_mode,
         config.target,
     )
-    async with TrackerClient(config.tracker_url, device_id=config.device_id, key=key) as tracker:
+    async with TrackerClient(
+        config.tracker_url,
+        device_id=config.device_id,
+        key=key,
+        proxy=config.proxy,
+        trust=tls_trust(config),
+    ) as tracker:
         runner = Runner(
             config=config, key=key, tracker=tracker, state=state, backoff_cap=backoff_cap
         )

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
-from core.data_wire import CAPABILITY, CONTROL_HOST
-from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
+from core.data_wire import CONTROL_HOST
 from device_client.config import ClientConfig
+from device_client.dialer import describe, dial_relay
 
 if TYPE_CHECKING:
     from device_client.data_sessions import DataDialer
@@ -31,7 +31,6 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 BACKOFF_CAP_ENV = "RLY_CLIENT_BACKOFF_CAP"
 STABLE_AFTER = 30.0  # a tunnel that stayed up this long resets the backoff
-CONNECT_TIMEOUT = 15.0
 
 
 def backoff_cap_from_env() -> float:
@@ -149,40 +148,6 @@ class _CountedForward(asyncssh.SSHTCPSession[bytes]):
         self._inner.resume_writing()
 
 
-def endpoints(config: ClientConfig) -> list[tuple[str, int]]:
-    """Relay (host, port) pairs in the order to try: each host on each port."""
-    return [(host, port) for host in config.relay_hosts for port in config.relay_ports]
-
-
-async def connect_relay(
-    config: ClientConfig, key: asyncssh.SSHKey, host: str, port: int
-) -> asyncssh.SSHClientConnection:
-    """Open the SSH connection to one relay endpoint, trusting only the pinned CA."""
-    ca = asyncssh.import_public_key(config.relay_host_ca)
-    return await asyncssh.connect(
-        host,
-        port,
-        username=config.device_id,
-        client_keys=[key],
-        known_hosts=([], [ca], []),
-        config=None,  # ignore ~/.ssh/config: the device's settings are the config file
-        agent_path=None,
-        password=None,
-        kbdint_auth=False,
-        preferred_auth=["publickey"],
-        keepalive_interval=config.keepalive_interval,
-        keepalive_count_max=config.keepalive_count,
-        connect_timeout=CONNECT_TIMEOUT,
-        login_timeout=CONNECT_TIMEOUT,
-        kex_algs=KEX_ALGS,
-        encryption_algs=ENCRYPTION_ALGS,
-        mac_algs=MAC_ALGS,
-        compression_algs=None,
-        # tells the relay that this client dials data connections on request (core.data_wire)
-        client_version=f"AsyncSSH_{asyncssh.__version__} {CAPABILITY}",
-    )
-
-
 async def forward_to_target(
     conn: asyncssh.SSHClientConnection,
     config: ClientConfig,
@@ -218,6 +183,8 @@ class Tunnel:
     activity: Activity
     server: asyncssh.SSHAcceptor | None = None
     dialer: DataDialer | None = None  # the data connections asked for on this tunnel
+    endpoint: str = ""  # the relay endpoint URL it came up on (remembered as the last good)
+    transport: str = "ssh"  # ssh, ssh+connect, wss, wss+connect
 
     async def close(self) -> None:
         """Close the connection (and the builtin server and data connections riding it)."""
@@ -232,45 +199,40 @@ class Tunnel:
         return f"{self.relay}:{self.port}"
 
 
-async def open_tunnel(config: ClientConfig, key: asyncssh.SSHKey) -> Tunnel:
-    """Try each relay endpoint in order; return the first tunnel that comes up.
-
-    Raises OSError or asyncssh.Error from the last endpoint when all fail.
+async def open_tunnel(
+    config: ClientConfig, key: asyncssh.SSHKey, last_good: str | None = None
+) -> Tunnel:
+    """Dial the relay (`device_client.dialer`: last good endpoint first, the rest staggered)
+    and ask for the forward; raises OSError or asyncssh.Error when that fails.
     """
     from device_client.data_sessions import DataDialer
     from device_client.target import serve_builtin  # keeps pty/termios off the import path
 
-    error: Exception = OSError("no relay endpoints configured")
-    for host, port in endpoints(config):
-        try:
-            conn = await connect_relay(config, key, host, port)
-        except (OSError, asyncssh.Error) as exc:
-            log.debug("relay %s:%d failed: %s", host, port, exc)
-            error = exc
-            continue
-        activity = Activity()
-        dialer = DataDialer(config, activity, also=((host, port),))
-        try:
-            server = None
-            if config.target == "builtin":
-                server = await serve_builtin(conn, config, activity, dialer)
-                remote_port = server.get_port()
-            else:
-                remote_port = await forward_to_target(conn, config, activity, dialer)
-        except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as exc:
-            # a relay that logs us in and then refuses the forward (device pending or
-            # revoked) closes the connection itself; treat it like any refused endpoint
-            conn.close()
-            error = OSError(f"relay {host}:{port} refused the tunnel: {exc}")
-            continue
-        return Tunnel(
-            conn=conn,
-            relay=host,
-            port=port,
-            remote_port=remote_port,
-            since=time.time(),
-            activity=activity,
-            server=server,
-            dialer=dialer,
-        )
-    raise error
+    dialled = await dial_relay(config, key, last_good)
+    conn, endpoint = dialled.conn, dialled.endpoint
+    activity = Activity()
+    dialer = DataDialer(config, activity, also=((endpoint.host, endpoint.port),))
+    try:
+        server = None
+        if config.target == "builtin":
+            server = await serve_builtin(conn, config, activity, dialer)
+            remote_port = server.get_port()
+        else:
+            remote_port = await forward_to_target(conn, config, activity, dialer)
+    except (OSError, asyncssh.Error, asyncssh.ChannelListenError) as exc:
+        # a relay that logs us in and then refuses the forward (device pending or
+        # revoked) closes the connection itself
+        conn.close()
+        raise OSError(f"relay {endpoint} refused the tunnel: {describe(exc)}") from None
+    return Tunnel(
+        conn=conn,
+        relay=endpoint.host,
+        port=endpoint.port,
+        remote_port=remote_port,
+        since=time.time(),
+        activity=activity,
+        server=server,
+        dialer=dialer,
+        endpoint=str(endpoint),
+        transport=dialled.transport,
+    )

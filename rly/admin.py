@@ -183,7 +183,8 @@ def _token_create(session: Session, args: argparse.Namespace, settings: Settings
     )
     print("install command:")
     tracker = with_bound_http_port(settings, settings.http.port).http.public_url
-    print(f"  {enroll_tokens.install_command(tracker, token)}")  # the portal shows the same line
+    command = enroll_tokens.install_command(tracker, token, settings.http.tls_cert)
+    print(f"  {command}")  # the portal shows the same line
 
 
 def _device_list(session: Session, args: argparse.Namespace, _s: Settings) -> None:
