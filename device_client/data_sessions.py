@@ -125,6 +125,8 @@ class DataDialer:
         except BaseException:
             sock.close()
             raise
+        if family in (socket.AF_INET, socket.AF_INET6):  # keystrokes must not wait for Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
     def close(self) -> None:

@@ -16,10 +16,13 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core.models import DataConnection, utcnow
+from device_client.data_sessions import DataDialer
+from device_client.tunnel import Activity
 from relay import data_port
 from relay.context import RelayContext
 from relay.data_accept import DataStream
-from relay.data_tickets import new_ticket, store_ticket, ticket_hash
+from relay.data_tickets import dial_request, new_ticket, store_ticket, ticket_hash
+from tests.device_client.test_tunnel import Keys, device_config
 from tests.relay.device_port_support import new_key
 from tests.relay.test_device_port_inprocess import running_relay
 from tests.relay.test_technician_support import TechDb
@@ -137,5 +140,66 @@ def test_wrong_first_bytes_and_silence_are_dropped_within_the_preauth_limits(
                 writer.close()
             answer = await present(port, b"SSH-2.0-probe\r\n")  # room again: asyncssh answers
             assert answer == b"SSH-"
+
+    asyncio.run(scenario())
+
+
+class _Received(asyncio.Protocol):
+    """What comes back on an accepted data connection (no SSH: the target echoes)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.got = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.got.set()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+def test_device_dials_a_request_and_splices_it_to_its_target(tmp_path: Path) -> None:
+    """rly-client's dialer, given a request as a check-in would carry it, tries the endpoints
+    in order, presents the ticket, and splices the accepted stream to its sshd target."""
+
+    async def scenario() -> None:
+        async with running_relay(tmp_path / "data") as ctx:
+            db = TechDb(ctx.settings.data_dir)
+            echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+            try:
+                device_id = db.add_device(db.add_account(), new_key())
+                config = device_config(
+                    tmp_path, Keys.make(), ctx.device_ports[0],
+                    target_port=echo.sockets[0].getsockname()[1],
+                )  # fmt: skip
+                waiter = ctx.data.expect("sess-d", device_id)
+                ticket = await ticket_for(ctx, device_id, "sess-d")
+                endpoints = [("127.0.0.1", 1), ("127.0.0.1", ctx.device_ports[0])]  # 1: refused
+                request = dial_request(
+                    ticket=ticket, session_id="sess-d", node=ctx.node_name, endpoints=endpoints
+                )
+                activity = Activity()
+                DataDialer(config, activity).request(request)
+                stream = await asyncio.wait_for(waiter.arrived, 5)
+                transport, received = await stream.create_connection(_Received, "", 0)
+                transport.write(b"through the splice")
+                while received.data != b"through the splice":
+                    received.got.clear()
+                    await asyncio.wait_for(received.got.wait(), 5)
+                assert activity.open == 1  # an open data connection keeps on-demand tunnels up
+                transport.close()
+                for _ in range(100):
+                    if activity.open == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert activity.open == 0
+            finally:
+                echo.close()
+                db.close()
 
     asyncio.run(scenario())
