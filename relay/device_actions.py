@@ -13,10 +13,12 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session
 
 from core import audit, session_close
+from core.models import utcnow
 from relay import session_rows
 from relay.approval_gate import Identity
 from relay.context import RelayContext
 from relay.device_lookup import DeviceInfo, LookupFailure
+from relay.node import tunnel_node_since
 
 
 def when(value: datetime | None) -> str:
@@ -85,6 +87,7 @@ async def repair(
     else:
         say("Step 1: no tunnel on this relay to drop.")
     say("Step 2: asking the device, through the tracker, to reconnect.")
+    asked = utcnow()
     await ctx.db(lambda s: session_rows.request_tunnel(s, device.id, "reconnect"))
     ctx.hub.notify(f"device:{device.id}")
     timeout = ctx.settings.relay.connect_timeout
@@ -92,7 +95,10 @@ async def repair(
 
     async def check() -> bool | None:
         tunnel = ctx.tunnels.get(device.id)
-        return True if tunnel is not None and tunnel is not old else None
+        if tunnel is not None and tunnel is not old:
+            return True
+        # placement may bring it back on another relay of the fleet (relay.node)
+        return True if await ctx.db(lambda s: tunnel_node_since(s, device.id, asked)) else None
 
     ok = bool(await ctx.hub.wait_until(f"tunnel:{device.id}", check, timeout))
     result = "Repaired: a new tunnel is up." if ok else "Repair failed: no new tunnel came up."

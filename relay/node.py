@@ -143,3 +143,13 @@ async def run_node_heartbeat(ctx: RelayContext) -> None:
             ctx.tunnels.close_all(NODE_GONE)
         for name in gone:
             log.warning("relay node %s is gone (silent for %d heartbeats)", name, GONE_AFTER)
+
+
+def tunnel_node_since(session: Session, device_id: str, since: datetime) -> str | None:
+    """The node holding an open tunnel of this device that came up after `since`, if any."""
+    return session.scalar(
+        select(Tunnel.relay_node)
+        .where(Tunnel.device_id == device_id, Tunnel.closed_at.is_(None))
+        .where(Tunnel.connected_at > since)
+        .limit(1)
+    )

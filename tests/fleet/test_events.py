@@ -97,6 +97,7 @@ def test_close_repair_revoke_cross_node(fleet: Fleet, alice: PortalUser) -> None
     closer.expect("Step 3")
     repair_delay = _drop_delay(fleet, device.id, tunnel.id)
     fresh = fleet.wait_online(device.id)
+    closer.expect("Repaired: a new tunnel is up.", timeout=15)  # wherever placement put it
 
     fleet.cli("device", "revoke", device.id)
     revoke_delay = _drop_delay(fleet, device.id, fresh.id)
