@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from approval_portal.pages import tunnel_chart
 from core.models import (
+    Account,
     AuditEvent,
     Device,
     EnrollToken,
@@ -354,3 +355,25 @@ def test_dashboard_decides_key_logins_but_never_lists_gate_logins(env: PortalEnv
     assert f"approval:{key_id}" in env.hub.topics
     again = admin.post(f"/approvals/{key_id}/decide", {"decision": "reject"})
     assert again.status_code == 409 and env.approval(key_id).status == "approved"
+
+
+def test_superadmin_creates_a_token_for_another_account_admins_cannot(env: PortalEnv) -> None:
+    """A superadmin picks the token's account; an account admin's choice is ignored."""
+    env.add_user("olga", role="admin", account="other")
+    root = env.add_user("root", role="admin", account="ops", superadmin=True)
+    client = env.client()
+    client.login_user(root)
+    page = client.http.get("/tokens").text
+    assert "<option>other</option>" in page and 'id="account"' in page
+    assert client.post("/tokens", {"account": "other"}).status_code == 200
+    assert client.post("/tokens", {"account": "nope"}).status_code == 400
+    admin, _ = _login(env, "alice", role="admin")
+    assert admin.post("/tokens", {"account": "other"}).status_code == 200
+    with env.sessions() as s:
+        owners = sorted(
+            name
+            for (name,) in s.execute(
+                select(Account.name).join(EnrollToken, EnrollToken.account_id == Account.id)
+            )
+        )
+    assert owners == ["acme", "other"]
