@@ -75,6 +75,7 @@ def enroll_endpoints(session: Session, device_id: str) -> tuple[list[str], list[
 class Placement:
     sessions: sessionmaker[Session]
     _nodes: list[NodeEndpoint] = field(default_factory=list)
+    _choices: dict[str, RelayChoice] = field(default_factory=dict)  # built once per read
     _read_at: float = -REFRESH
     _refreshing: asyncio.Task[None] | None = None
 
@@ -84,7 +85,7 @@ class Placement:
             await self._refresh()
         if not self._nodes:
             return None
-        return [RelayChoice(host=n.host, ports=list(n.ports)) for n in rank(device_id, self._nodes)]
+        return [self._choices[n.name] for n in rank(device_id, self._nodes)]
 
     async def _refresh(self) -> None:
         """One read for all check-ins arriving meanwhile; a failed read keeps the old list."""
@@ -99,6 +100,9 @@ class Placement:
 
         try:
             self._nodes = await asyncio.to_thread(run)
+            self._choices = {
+                n.name: RelayChoice(host=n.host, ports=list(n.ports)) for n in self._nodes
+            }
         except SQLAlchemyError as exc:  # the check-in itself decides whether the database is up
             log.warning("placement: cannot read relay nodes: %s", type(exc).__name__)
         finally:
