@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,10 @@ from device_client.config import (
     save_config,
     write_private,
 )
-from device_client.dialer import tls_trust
 from device_client.proxy import ProxyError, parse_proxy
 from device_client.runner import os_release
-from device_client.state import ClientState, pid_alive, read_state
-from device_client.systemd import InstallError, install_service, service_active
+from device_client.status_report import status_report
+from device_client.systemd import InstallError, install_service
 from device_client.tls import TlsTrust
 from device_client.tunnel import BACKOFF_CAP_ENV, backoff_cap_from_env
 
@@ -286,94 +284,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(run_client(config, config_path, cap))
 
 
-def _ago(stamp: float | None) -> str:
-    if stamp is None:
-        return "never"
-    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(stamp))
-    return f"{when} ({max(0, int(time.time() - stamp))}s ago)"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Print whether the client runs, its last check-in and its tunnel, one fact a line."""
     config_path = _config_path(args)
-    config = load_config(config_path)
-    state = read_state(config.state_file)
-    running = state is not None and state.stopped is None and pid_alive(state.pid)
-    active = service_active()
-    service = f"running (pid {state.pid})" if running and state else "not running"
-    if active is not None:
-        service += f"; systemd unit rly-client is {'active' if active else 'inactive'}"
-    print(f"service:       {service}")
-    print(f"tracker:       {config.tracker_url}")
-    print(f"device:        {config.device_id}")
-    if args.tracker:
-        remote = asyncio.run(_remote_status(config))
-        print(f"status:        {remote.status} (tracker, now)")
-        print(f"tracker saw:   last check-in {remote.last_checkin}; tunnel {remote.tunnel}")
-    else:
-        known = state.device_status if state and state.device_status else "unknown"
-        print(f"status:        {known} (at the last check-in)")
-    print(
-        f"last check-in: {_ago(state.last_checkin if state else None)}"
-        f"{': ' + state.checkin_result if state and state.checkin_result else ''}"
-    )
-    tunnel_up = running and state is not None and state.tunnel_state == "up"
-    if tunnel_up and state:
-        print(f"tunnel:        up via {state.relay}:{state.port} since {_ago(state.since)}")
-    else:
-        print(f"tunnel:        {_tunnel_down(state, running)}")
-    print(f"config:        {config_path}")
-    return 0 if tunnel_up else EXIT_NOT_RUNNING
-
-
-def _tunnel_down(state: ClientState | None, running: bool) -> str:
-    """'down: why' (or 'connecting, last error: why') from the runner's state file."""
-    if not running or state is None:
-        return "down: rly-client is not running"
-    why = state.tunnel_error or "no tunnel yet"
-    if state.tunnel_state == "connecting":
-        return f"connecting (last error: {why})" if state.tunnel_error else "connecting"
-    return f"down: {why}"
-
-
-@dataclass(frozen=True)
-class RemoteStatus:
-    """The tracker's view of this device, as plain words."""
-
-    status: str
-    last_checkin: str
-    tunnel: str
-
-
-async def _remote_status(config: ClientConfig) -> RemoteStatus:
-    """GET the device's own status; a refusal is a status too (403 revoked, 404 unknown)."""
-    key = asyncssh.read_private_key(str(config.key_file))
-    async with TrackerClient(
-        config.tracker_url,
-        device_id=config.device_id,
-        key=key,
-        proxy=config.proxy,
-        trust=tls_trust(config),
-    ) as t:
-        try:
-            view = await t.device_status()
-        except TrackerError as exc:
-            status = {403: "revoked", 404: "unknown to the tracker"}.get(exc.status_code or 0)
-            return RemoteStatus(f"{status or 'unknown'} ({exc})", "-", "-")
-    tunnel = view.get("tunnel")
-    if isinstance(tunnel, dict):
-        relay, since = _plain(tunnel.get("relay_node")), _plain(tunnel.get("connected_at"))
-        where = f"up on relay {relay} since {since}"
-    else:
-        where = "none"
-    return RemoteStatus(
-        _plain(view.get("status", "unknown")), _plain(view.get("last_checkin_at") or "never"), where
-    )
-
-
-def _plain(value: object) -> str:
-    """Tracker-sent text for a terminal line: printable characters only."""
-    return "".join(ch for ch in str(value) if ch.isprintable())[:200]
+    report = status_report(load_config(config_path), config_path, ask_tracker=args.tracker)
+    for line in report.lines:
+        print(line)
+    return 0 if report.tunnel_up else EXIT_NOT_RUNNING
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
