@@ -161,3 +161,22 @@ def test_sigterm_exits_0_and_tunnel_survives_tracker_outage(tmp_path: Path) -> N
     assert state.tunnel_state == "down"
     assert state.checkin_result is not None
     assert state.checkin_result.startswith("error: tracker")
+
+
+def test_client_acks_actions_and_ignores_repeats(tmp_path: Path) -> None:
+    """The client echoes the last action_id as `ack`, acts once per id, and sends no ack to a
+    tracker without acks."""
+    runner = _runner(tmp_path, "persistent")
+    assert "ack" not in runner._checkin_body(0)
+    runner._apply(_reply())  # a tracker without acks: nothing to echo
+    assert "ack" not in runner._checkin_body(0)
+    runner._apply(replace(_reply(), action_id=0))
+    assert runner._checkin_body(0)["ack"] == 0
+    runner.want_up, runner._drop = False, False
+    runner._apply(replace(_reply("close"), action_id=41))
+    assert (runner._checkin_body(0)["ack"], runner._drop) == (41, True)
+    runner.want_up, runner._drop = True, False
+    runner._apply(replace(_reply("close"), action_id=41))  # sent again until acked: ignored
+    assert (runner.want_up, runner._drop) == (True, False)
+    runner._apply(replace(_reply("reconnect"), action_id=42))  # no tunnel: come back, no drop
+    assert (runner._checkin_body(0)["ack"], runner.want_up, runner._drop) == (42, True, False)
