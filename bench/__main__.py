@@ -23,7 +23,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import approval, checkins, connect_time, events, idle_tunnels, keystroke, throughput
+from bench import (
+    approval,
+    checkins,
+    connect_time,
+    events,
+    idle_tunnels,
+    keystroke,
+    throughput,
+    websocket,
+)
 from bench.common import FULL, SMOKE, LegResult, Scale
 from bench.report import machine, table, to_json
 from bench.topology import Topology, open_topology
@@ -38,6 +47,7 @@ STANDALONE: dict[str, Callable[[Path, Scale, bool], LegResult]] = {
     "idle_tunnels": idle_tunnels.run,
     "checkins": checkins.run,
     "events": events.run,
+    "websocket": websocket.run,
 }
 LEGS = [*SHARED, *STANDALONE]
 

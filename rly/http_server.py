@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from rly.http_limits import DeadlineHttpToolsProtocol, limit_body
+from rly.ws_limits import BoundedWebSocketProtocol
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -56,6 +57,13 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
         timeout_keep_alive=15,
         timeout_graceful_shutdown=2,  # long polls must not hold up SIGTERM
         limit_concurrency=2048,
+        # WebSocket device tunnels (relay.ws_tunnel): the sans-I/O implementation (the
+        # legacy one is deprecated) with a bound on unread pongs (rly.ws_limits), messages
+        # capped at 1 MiB (a device sends at most 64 KiB each), no WebSocket pings (the SSH
+        # keepalives inside find dead peers; a ping per tunnel would double the idle cost)
+        ws=BoundedWebSocketProtocol,
+        ws_max_size=1024 * 1024,
+        ws_ping_interval=None,
         lifespan="off",
         log_config=None,
         **kwargs,

@@ -9,11 +9,13 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.routing import Route, WebSocketRoute
 
 from approval_portal.app import create_app as create_portal
 from core import db
@@ -21,8 +23,11 @@ from core.config import Settings, with_bound_http_port
 from core.feed import run_feed
 from core.hub import Hub
 from core.keys import KeyStore, check_secret_file
+from core.tls_identity import file_fingerprint
 from relay.app import Relay, start_relay
 from relay.context import RelayContext
+from relay.ws_tunnel import PATH as TUNNEL_PATH
+from relay.ws_tunnel import WebSocketTunnels, make_tunnel_app
 from rly.health import create_root_app
 from rly.http_server import bind_tcp, make_server
 from tracker.app import create_app as create_tracker
@@ -66,8 +71,12 @@ def prepare(settings: Settings) -> Prepared:
     return Prepared(settings, keys, engine, db.make_sessions(engine), node_name, public_host)
 
 
-def build_http_app(p: Prepared, hub: Hub, parts: set[str]) -> FastAPI:
+def build_http_app(
+    p: Prepared, hub: Hub, parts: set[str], tunnels: WebSocketTunnels | None = None
+) -> FastAPI:
     app = create_root_app(p.sessions)
+    if tunnels is not None:  # before the tracker's /api/v1 mount, which would take the path
+        app.router.routes[:0] = [WebSocketRoute(TUNNEL_PATH, tunnels), Route(TUNNEL_PATH, tunnels)]
     if "tracker" in parts:
         app.mount("/api/v1", create_tracker(p.settings, p.sessions, hub, p.keys))
     if "portal" in parts:
@@ -86,7 +95,7 @@ async def serve(p: Prepared, parts: set[str]) -> int:
     relay: Relay | None = None
     http_sock: socket.socket | None = None
     try:
-        if parts & {"tracker", "portal"}:
+        if parts & {"tracker", "portal", "relay"}:  # the relay: device tunnels over WebSocket
             http_sock = _bind(s.http.listen, s.http.port, "http.port")
             s = p.settings = with_bound_http_port(s, http_sock.getsockname()[1])
         if "relay" in parts:
@@ -112,8 +121,11 @@ async def serve(p: Prepared, parts: set[str]) -> int:
     tasks = [asyncio.create_task(feed, name="feed")]
     server = None
     if http_sock is not None:
+        tunnels = None
+        if relay is not None:
+            tunnels = await make_tunnel_app(relay.ctx, tls=bool(s.http.tls_cert))
         server = make_server(
-            build_http_app(p, hub, parts),
+            build_http_app(p, hub, parts, tunnels),
             tls_cert=s.http.tls_cert,
             tls_key=s.http.tls_key,
             log_level=s.log_level,
@@ -166,6 +178,12 @@ def _announce(
             lines.append(f"rly: tracker {base}/api/v1")
         if "portal" in parts:
             lines.append(f"rly: portal {base}  (public URL {s.http.public_url})")
+        if relay is not None:
+            ws = "wss" if s.http.tls_cert else "ws"
+            lines.append(f"rly: device websocket {ws}://{shown}:{port}{TUNNEL_PATH}")
+    if s.http.tls_cert:
+        pin = file_fingerprint(Path(s.http.tls_cert))
+        lines.append(f"rly: tls certificate {pin}  (devices: --tracker-fingerprint {pin})")
     lines.append("rly: ready")
     print("\n".join(lines), flush=True)
     sys.stdout.flush()
