@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,8 +31,20 @@ async def _checkin(device: SignedDevice, *, ack: int | None, wait: float = 0.0) 
     return reply
 
 
-def test_action_is_sent_again_until_acked(env: TrackerEnv) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TrackerEnv]:
+    """The tracker on SQLite, then on PostgreSQL (action ids from both backends' timestamps)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
+    tracker_env = TrackerEnv.create(tmp_path / "data", database_url=url)
+    try:
+        yield tracker_env
+    finally:
+        tracker_env.close()
+
+
+def test_action_is_sent_again_until_acked(any_env: TrackerEnv) -> None:
     """A device that acks gets the action on every check-in until it echoes the action's id."""
+    env = any_env
 
     async def scenario() -> None:
         async with env.client() as api:
