@@ -52,7 +52,7 @@ def parse_request(data: Any) -> DialRequest | None:
         return None
     if not (isinstance(relay, str) and NAME_RE.fullmatch(relay)):
         return None
-    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_ENDPOINTS:
+    if not isinstance(raw, list) or len(raw) > MAX_ENDPOINTS:
         return None
     endpoints: list[tuple[str, int]] = []
     for item in raw:

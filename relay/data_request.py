@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def endpoints(ctx: RelayContext) -> list[tuple[str, int]]:
-    """This relay's device endpoints, in dial order (what its tunnels use)."""
-    return [(ctx.public_host, port) for port in ctx.device_ports]
+    """This relay's device endpoints, in dial order (none without a public host: the device
+    then dials the endpoint its tunnel uses)."""
+    return [(ctx.public_host, port) for port in ctx.device_ports if ctx.public_host]
 
 
 async def request_data_connection(
