@@ -84,7 +84,8 @@ def _show(
         lines.append("Tunnel: none")
     else:
         lines.append(
-            f"Tunnel: relay {tunnel.relay_node} port {tunnel.transport_port}, "
+            f"Tunnel: relay {tunnel.relay_node} port {tunnel.transport_port} "
+            f"over {tunnel.transport}, "
             f"since {when(tunnel.connected_at)}, "
             f"last keepalive {ago(tunnel.last_keepalive_at)} ago, "
             f"client {strip_controls(tunnel.client_version) or '-'}, "

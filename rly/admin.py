@@ -220,10 +220,10 @@ def _state(session: Session, device: Device) -> str:
 
     if device.status != "accepted":
         return device.status
-    open_tunnel = session.scalar(
-        select(Tunnel.id).where(Tunnel.device_id == device.id, Tunnel.closed_at.is_(None))
+    transport = session.scalar(
+        select(Tunnel.transport).where(Tunnel.device_id == device.id, Tunnel.closed_at.is_(None))
     )
-    return "online" if open_tunnel is not None else "offline"
+    return f"online ({transport})" if transport is not None else "offline"
 
 
 def _device_accept(session: Session, args: argparse.Namespace, _s: Settings) -> None:

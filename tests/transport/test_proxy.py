@@ -69,13 +69,17 @@ def run_client(fw: WebFirewall, config: Path, env: dict[str, str] | None = None)
     return fw.run([*CLIENT, "run", "--config", str(config)], name="rly-client", env=env)
 
 
-def root_shell(server: RlyServer, dev: str) -> None:
-    """ssh partner@relay, approve as alice, connect DEV, and see uid 0."""
+def root_shell(server: RlyServer, dev: str, transport: str | None = None) -> None:
+    """ssh partner@relay, approve as alice, (`show` names the transport), connect DEV, uid 0."""
     db = TechDb(server.data_dir)
     tech = Technician(server.technician_port)
     try:
         db.decide(tech.expect(URL_RE, timeout=10).group(1), "alice")
         tech.expect(re.escape("rly:alice@acme> "), timeout=5)
+        if transport is not None:
+            tech.sendline(f"show {dev}")
+            tech.expect(rf"Tunnel: relay .* over {re.escape(transport)}, ", timeout=5)
+            tech.expect(re.escape("rly:alice@acme> "), timeout=5)
         tech.sendline(f"connect {dev}")
         tech.expect(r"[#$] $", timeout=15)
         tech.sendline("echo uid=$(id -u)")
@@ -108,7 +112,9 @@ def test_https_only_proxy_falls_back_to_websocket_and_remembers_it(
     client.wait_for_line(
         r"relay ssh://127\.0\.0\.1:\d+ failed: proxy \S+ refused CONNECT", 5, stream="stderr"
     )
-    root_shell(tls_relay, dev)
+    root_shell(tls_relay, dev, "wss+connect")
+    listing = tls_relay.run_cli("device", "list", check=True).stdout
+    assert re.search(rf"^{dev}\s+online \(wss\+connect\)", listing, re.M), listing
     state = json.loads(config.with_suffix(".state.json").read_text())
     assert state["last_endpoint"].startswith("wss://127.0.0.1:")
     assert state["checkin_result"] == "ok"
@@ -144,7 +150,7 @@ def test_plain_proxy_from_the_environment_carries_raw_ssh(
     run_client(firewall, config, env)
     row = wait_for(lambda: open_tunnel(tls_relay, dev), 20, "tunnel through the proxy")
     assert row.transport == "ssh+connect"
-    root_shell(tls_relay, dev)
+    root_shell(tls_relay, dev, "ssh+connect")
 
 
 def test_wrong_proxy_password_is_one_clear_line_without_credentials(
