@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 from core.enroll_tokens import revoke_token
 from core.models import AuditEvent, EnrollToken, RelayNode, utcnow
 from tests.tracker.harness import TrackerEnv
+from tracker.placement import NodeEndpoint, rank
 
 
 def test_enroll_pending_reply(env: TrackerEnv) -> None:
@@ -59,7 +60,7 @@ def test_enroll_auto_accept_and_audit(env: TrackerEnv) -> None:
 
 
 def test_enroll_relay_hosts_from_live_nodes(env: TrackerEnv) -> None:
-    """Relay hosts and ports come from relay nodes seen in the last minute, in order."""
+    """Relay hosts and ports come from live relay nodes, in the device's placement order."""
     with env.prepared.sessions() as session, session.begin():
         for name, host, ports, age in (
             ("a", "r1.example", "2200,443", 5),
@@ -79,8 +80,15 @@ def test_enroll_relay_hosts_from_live_nodes(env: TrackerEnv) -> None:
     async def scenario() -> None:
         async with env.client() as api:
             device = await api.enroll(env.token())
-        assert device.enrolled["relay_hosts"] == ["r1.example", "r2.example"]
-        assert device.enrolled["relay_ports"] == [2200, 443, 2201]
+        live = [
+            NodeEndpoint("a", "r1.example", (2200, 443)),
+            NodeEndpoint("b", "r2.example", (443, 2201)),
+        ]
+        order = rank(device.device_id, live)  # rendezvous hashing; the stale node is left out
+        assert device.enrolled["relay_hosts"] == [n.host for n in order]
+        assert device.enrolled["relay_ports"] == list(
+            dict.fromkeys(p for n in order for p in n.ports)
+        )
 
     asyncio.run(scenario())
 
