@@ -10,7 +10,8 @@ session; a `before_commit` hook appends the queued rows as the transaction's
 last step. Appends must be serialised across processes (relays, tracker and
 portal may share one PostgreSQL) or two writers would read the same chain head
 and fork the chain. On PostgreSQL the hook takes a transaction-level advisory
-lock (`pg_advisory_xact_lock`, released by the commit) before reading the head;
+lock (`pg_advisory_xact_lock`, released by the commit) before reading the head,
+both in one round trip (the function `rly_audit_locked_head`, migration 0005);
 on SQLite it makes sure the transaction holds the database write lock first
 (a no-op UPDATE), which serialises writers the same way. Taking the lock last
 keeps it held only for one SELECT, the INSERTs and the COMMIT, and it cannot
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import event, select, text
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session, SessionTransaction
 
 from core.models import AuditEvent, utcnow
@@ -93,11 +94,16 @@ def row_digest(row: AuditEvent) -> str:
     return hashlib.sha256(canonical(row)).hexdigest()
 
 
+_HEAD = text("SELECT seq, row_hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+
+
 def chain_head(session: Session) -> ChainHead | None:
-    """The last row of the chain (read it under the append lock to append after it)."""
-    row = session.execute(
-        select(AuditEvent.seq, AuditEvent.row_hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()
+    """The last row of the chain (read it under the append lock to append after it).
+
+    Plain SQL on the connection: the ORM's select path costs several times as much CPU,
+    and this runs once per audited transaction on the relay's and tracker's hot paths.
+    """
+    row = session.connection().execute(_HEAD).first()
     return None if row is None else ChainHead(row[0], row[1])
 
 
@@ -110,6 +116,21 @@ def lock_chain(session: Session) -> None:
         dbapi: Any = conn.connection.dbapi_connection
         if not dbapi.in_transaction:  # no write yet: take the write lock before reading
             conn.execute(text("UPDATE audit_events SET seq = seq WHERE 0"))
+
+
+# One round trip on PostgreSQL: the function takes the lock, then reads the head with a
+# fresh snapshot (each statement of a VOLATILE plpgsql function gets one); created by 0005.
+_PG_LOCKED_HEAD = text("SELECT seq, row_hash FROM rly_audit_locked_head(:key)")
+
+
+def locked_head(session: Session) -> ChainHead | None:
+    """Take the append lock, then read the chain head (what a new row must follow)."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        row = conn.execute(_PG_LOCKED_HEAD, {"key": PG_LOCK_KEY}).first()
+        return None if row is None or row[0] is None else ChainHead(row[0], row[1])
+    lock_chain(session)
+    return chain_head(session)
 
 
 def chain(rows: list[AuditEvent], head: ChainHead | None) -> None:
@@ -127,8 +148,7 @@ def _append_pending(session: Session) -> None:
     if not rows:
         return
     session.flush()  # the transaction's own writes first: the lock is the last thing taken
-    lock_chain(session)
-    chain(rows, chain_head(session))
+    chain(rows, locked_head(session))
     session.add_all(rows)
 
 

@@ -38,6 +38,20 @@ _audit = sa.table(
 )
 
 
+# core.audit.locked_head: the append lock and the chain head in one round trip. Each
+# statement of a VOLATILE plpgsql function takes a fresh snapshot, so the head is read
+# after the lock was granted (a plain "SELECT lock, head" would read a stale head).
+_PG_LOCKED_HEAD = """
+CREATE OR REPLACE FUNCTION rly_audit_locked_head(lock_key bigint)
+RETURNS TABLE (seq bigint, row_hash varchar) LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    RETURN QUERY SELECT a.seq, a.row_hash::varchar FROM audit_events a ORDER BY a.seq DESC LIMIT 1;
+END
+$$
+"""
+
+
 def _chain_existing_rows() -> None:
     bind = op.get_bind()
     rows = bind.execute(
@@ -73,6 +87,8 @@ def upgrade() -> None:
         batch_op.alter_column('prev_hash', existing_type=sa.String(length=64), nullable=False)
         batch_op.alter_column('row_hash', existing_type=sa.String(length=64), nullable=False)
         batch_op.create_unique_constraint(batch_op.f('uq_audit_events_seq'), ['seq'])
+    if op.get_bind().dialect.name == 'postgresql':
+        op.execute(_PG_LOCKED_HEAD)
     _approvals_upgrade()
 
 
@@ -112,6 +128,8 @@ def _approvals_upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == 'postgresql':
+        op.execute('DROP FUNCTION IF EXISTS rly_audit_locked_head(bigint)')
     with op.batch_alter_table('approval_grants', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_approval_grants_user_id'))
         batch_op.drop_index(batch_op.f('ix_approval_grants_expires_at'))
