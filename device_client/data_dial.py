@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,12 +99,20 @@ async def _handshake(sock: socket.socket, ticket: str) -> None:
         raise DialError("the relay answered the data connection with something else than OK")
 
 
-async def dial_data(request: DialRequest, also: tuple[tuple[str, int], ...] = ()) -> socket.socket:
-    """A connected socket after the relay's OK, trying the request's endpoints (then `also`)."""
+async def dial_data(
+    request: DialRequest,
+    also: tuple[tuple[str, int], ...] = (),
+    connect: Callable[[str, int], Awaitable[socket.socket]] = _connect,
+) -> socket.socket:
+    """A connected socket after the relay's OK, trying the request's endpoints (then `also`).
+
+    `connect` opens the TCP connection (device_client.proxy.dial_tcp goes through the
+    HTTP CONNECT proxy the tunnel uses).
+    """
     error: OSError = DialError("no endpoint")
     for host, port in dict.fromkeys((*request.endpoints, *also)):
         try:
-            sock = await asyncio.wait_for(_connect(host, port), CONNECT_TIMEOUT)
+            sock = await asyncio.wait_for(connect(host, port), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             log.debug("data connection to %s:%d failed: %s", host, port, exc)
             error = exc if isinstance(exc, OSError) else DialError(f"{host}:{port} timed out")

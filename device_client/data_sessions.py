@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -25,6 +26,7 @@ from core.data_wire import REQUEST_MAX
 from device_client.config import ClientConfig
 from device_client.data_dial import DialRequest, dial_data, parse_request
 from device_client.data_splice import splice
+from device_client.proxy import dial_tcp
 from device_client.tunnel import Activity
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,8 @@ class DataDialer:
     async def _serve(self, request: DialRequest) -> None:
         with self.activity.track():
             try:
-                sock = await dial_data(request, self.also)
+                connect = functools.partial(dial_tcp, self.config.proxy)  # the tunnel's proxy
+                sock = await dial_data(request, self.also, connect)
             except OSError as exc:
                 log.warning("data connection for session %s failed: %s", request.session, exc)
                 return

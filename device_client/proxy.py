@@ -125,6 +125,14 @@ async def open_socket(host: str, port: int) -> socket.socket:
     raise error
 
 
+async def dial_tcp(configured: str, host: str, port: int) -> socket.socket:
+    """A socket to host:port, through the proxy that applies to it (CONNECT), else direct."""
+    proxy = choose_proxy(configured, host)
+    if proxy is None:
+        return await open_socket(host, port)
+    return await connect_through(proxy, host, port)
+
+
 def _target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -135,8 +135,8 @@ def test_https_only_proxy_falls_back_to_websocket_and_remembers_it(
 def test_plain_proxy_from_the_environment_carries_raw_ssh(
     firewall: WebFirewall, tls_relay: RlyServer, tmp_path: Path
 ) -> None:
-    """HTTPS_PROXY alone (no config key) takes check-ins and the raw SSH tunnel through CONNECT,
-    and the TLS pin by fingerprint needs no SSL_CERT_FILE."""
+    """HTTPS_PROXY alone (no config key) takes check-ins, the raw SSH tunnel and the session's
+    data connection through CONNECT; the TLS pin by fingerprint needs no SSL_CERT_FILE."""
     proxy = firewall.proxy()
     env = {"HTTPS_PROXY": proxy.url()}
     config = tmp_path / "dev" / "client.toml"
@@ -147,10 +147,12 @@ def test_plain_proxy_from_the_environment_carries_raw_ssh(
     proc = firewall.run(argv, name="enroll", env=env)
     assert proc.wait(30) == 0, proc.output
     dev = device_id(proc)
-    run_client(firewall, config, env)
+    client = run_client(firewall, config, env)
     row = wait_for(lambda: open_tunnel(tls_relay, dev), 20, "tunnel through the proxy")
     assert row.transport == "ssh+connect"
     root_shell(tls_relay, dev, "ssh+connect")
+    # the session's own data connection went through the same proxy
+    client.wait_for_line(r"data connection up session=", 5, stream="stderr")
 
 
 def test_wrong_proxy_password_is_one_clear_line_without_credentials(
