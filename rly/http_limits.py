@@ -85,12 +85,6 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._disarm()
 
-    def handle_websocket_upgrade(self) -> None:
-        # the request is complete and the connection now belongs to the WebSocket
-        # protocol: a body deadline left armed would close the tunnel after 30 s
-        self._disarm()
-        super().handle_websocket_upgrade()
-
     def _idle(self) -> bool:
         """No request is being read: new bytes start the next one."""
         return self.cycle is None or self.cycle.response_complete
