@@ -59,6 +59,7 @@ def run(work: Path, scale: Scale, rly: bool) -> LegResult:
             for pct in (50, 99):
                 metric = result.metric(f"{event} p{pct}", mode, "ms", higher_is_better=False)
                 metric.samples.append(percentile(values, pct) * 1000)
+                metric.raw = [v * 1000 for v in values]  # every sample, for the JSON
         result.metric("relay idle CPU", mode, "%", higher_is_better=False).samples.append(idle)
     result.notes.append(
         f"{count} samples per event and mode; idle CPU over {scale.idle_window:g} s of relay-a "
