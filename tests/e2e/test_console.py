@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -96,15 +97,19 @@ def console(tmp_path_factory: pytest.TempPathFactory, browser: Browser) -> Itera
     portals: list[PortalBrowser] = []
     try:
         stack = Stack(servers(config=CONFIG), processes, sshds, workdir)
-        nas = stack.enroll_device(hostname="nas-rec", serial="SN-REC-1")
+        with ThreadPoolExecutor(3) as pool:  # CLI start-ups dominate: run them side by side
+            device = pool.submit(stack.enroll_device, hostname="nas-rec", serial="SN-REC-1")
+            users = [
+                pool.submit(add_portal_user, stack.server, name, account="acme")
+                for name in ("alice", "bob", "carol")
+            ]
+            alice, bob, carol = (u.result() for u in users)
+            key_jobs = {n: pool.submit(_key, stack, workdir, n) for n in ("alice", "carol")}
+            keys = {name: job.result() for name, job in key_jobs.items()}
+            nas = device.result()
         nas.start()
-        stack.server.run_cli("account", "add", "other", check=True)
-        alice = add_portal_user(stack.server, "alice", account="acme")
-        bob = add_portal_user(stack.server, "bob", account="acme")
-        carol = add_portal_user(stack.server, "carol", account="acme")
         with stack.db() as s, s.begin():  # admins of acme (rly user add makes technicians)
             s.execute(update(User).where(User.username.in_(("alice", "bob"))).values(role="admin"))
-        keys = {name: _key(stack, workdir, name) for name in ("alice", "carol")}
         for user in (alice, bob, carol):
             portals.append(PortalBrowser(browser.new_context(), stack.server, user))
             portals[-1].log_in()
