@@ -425,3 +425,22 @@ def _set_pin(world: World, device_id: str, key_line: str | None) -> None:
         found.target_host_key = key_line
 
     world.db.run(run)
+
+
+def test_close_device_ends_its_data_sessions(
+    world: World, technician_factory: TechnicianFactory
+) -> None:
+    """`close DEVICE` from another menu drops the tunnel and with it the sessions running on
+    its data connections, as it ends in-tunnel sessions."""
+    device = world.nas
+    first = world.menu(technician_factory)
+    first.sendline(f"connect {device.id}")
+    first.sendline("echo held-$((5+6))")
+    first.expect("held-11")
+    _assert_data_path(world, world.last_session(device.id))
+    second = world.menu(technician_factory)
+    second.sendline(f"close {device.id}")
+    second.expect(f"Closed the tunnel of device {device.id}")
+    first.expect(rf"Connection to {device.id} \(dp-nas\) closed: connection to the device lost\.")
+    first.expect(PROMPT)
+    world.stack.wait_online(device.id, timeout=device.backoff_cap + 15)  # persistent: it returns
