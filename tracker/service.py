@@ -87,16 +87,24 @@ class Tracker:
         self, *, report: CheckinRequest, request: SignedRequest, ip: str
     ) -> CheckinReply:
         device_id = signed_device(request)
-        done = None
-        if report.device_id == device_id and self.verifier.knows(device_id):
-            done = await self._writer.run(self._record_known(device_id, report, request, ip))
-        if done is None:
-            done = await asyncio.to_thread(self._checkin_full, device_id, report, request, ip)
-        state, due = done
-        metrics.inc("rly_checkins_total")  # verified and recorded
         wait = min(report.wait, self.settings.tracker.checkin_wait)
-        if due.action == "none" and wait > 0:
-            state, due = await self._long_poll(device_id, state, wait, report.ack)
+        # a long poll listens from before its first read: a request written between that
+        # read and the wait (a repair's reconnect, just as the device checks in) still wakes it
+        woken = asyncio.Event()
+        unsubscribe = self.hub.subscribe(f"device:{device_id}", woken.set) if wait > 0 else None
+        try:
+            done = None
+            if report.device_id == device_id and self.verifier.knows(device_id):
+                done = await self._writer.run(self._record_known(device_id, report, request, ip))
+            if done is None:
+                done = await asyncio.to_thread(self._checkin_full, device_id, report, request, ip)
+            state, due = done
+            metrics.inc("rly_checkins_total")  # verified and recorded
+            if due.action == "none" and wait > 0:
+                state, due = await self._long_poll(device_id, state, wait, report.ack, woken)
+        finally:
+            if unsubscribe is not None:
+                unsubscribe()
         return CheckinReply(
             status="accepted" if state.status == "accepted" else "pending",
             action=due.action,
@@ -147,14 +155,18 @@ class Tracker:
             return state, due
 
     async def _long_poll(
-        self, device_id: str, first: DeviceState, wait: float, ack: int | None
+        self, device_id: str, first: DeviceState, wait: float, ack: int | None, woken: asyncio.Event
     ) -> tuple[DeviceState, Due]:
         """Wait for a wake-up that brings an action or a status change; re-read at the end."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while (left := deadline - loop.time()) > 0:
-            if not await self.hub.wait(f"device:{device_id}", left):
+        while not self.hub.closing and (left := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    await woken.wait()
+            except TimeoutError:
                 break
+            woken.clear()
             state, due = await asyncio.to_thread(self._poll, device_id, ack)
             if due.action != "none" or (state.status, state.tunnel_mode) != (
                 first.status,

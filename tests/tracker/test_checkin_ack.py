@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +136,35 @@ def test_bad_ack_is_refused_and_changes_nothing(env: TrackerEnv, ack: object) ->
             assert env.snapshot() == before
 
     asyncio.run(scenario())
+
+
+def test_request_made_while_a_long_poll_starts_wakes_it(env: TrackerEnv) -> None:
+    """A request written just as a long poll reads the device wakes that poll (100 of 100)."""
+
+    def request_now(device_id: str) -> None:
+        with env.prepared.sessions() as session, session.begin():
+            device = session.get(Device, device_id)
+            assert device is not None
+            request_tunnel(session, device, "reconnect")
+        env.hub.notify(f"device:{device_id}")
+
+    async def scenario() -> list[float]:
+        env.hub.bind(asyncio.get_running_loop())
+        rng = random.Random(9)
+        slow: list[float] = []
+        async with env.client() as api:
+            device = await api.enroll(env.token(auto_accept=True))
+            ack = (await _checkin(device, ack=0))["action_id"]
+            for _ in range(100):
+                poll = asyncio.create_task(_checkin(device, ack=ack, wait=2))
+                await asyncio.sleep(rng.uniform(0, 0.004))  # lands anywhere in the poll's start
+                requested = time.monotonic()
+                await asyncio.to_thread(request_now, device.device_id)
+                reply = await poll
+                if time.monotonic() - requested > 1.0:
+                    slow.append(time.monotonic() - requested)
+                ack = reply["action_id"] or ack
+                await _checkin(device, ack=ack)  # acked: the next round starts clean
+        return slow
+
+    assert asyncio.run(scenario()) == []
