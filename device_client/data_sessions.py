@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncssh
@@ -67,11 +68,17 @@ class DataDialer:
     """Opens data connections for one tunnel's device; `also` is the tunnel's own endpoint."""
 
     def __init__(
-        self, config: ClientConfig, activity: Activity, also: tuple[tuple[str, int], ...] = ()
+        self,
+        config: ClientConfig,
+        activity: Activity,
+        also: tuple[tuple[str, int], ...] = (),
+        connect: Callable[[str, int], Awaitable[socket.socket]] | None = None,
     ) -> None:
         self.config = config
         self.activity = activity
         self.also = also
+        # the tunnel's way out (device_client.dialer.data_connector): proxy, WebSocket
+        self.connect = connect or functools.partial(dial_tcp, config.proxy)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def control_session(self) -> ControlSession:
@@ -97,8 +104,7 @@ class DataDialer:
     async def _serve(self, request: DialRequest) -> None:
         with self.activity.track():
             try:
-                connect = functools.partial(dial_tcp, self.config.proxy)  # the tunnel's proxy
-                sock = await dial_data(request, self.also, connect)
+                sock = await dial_data(request, self.also, self.connect)
             except OSError as exc:
                 log.warning("data connection for session %s failed: %s", request.session, exc)
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,15 @@ from core.data_wire import CAPABILITY
 from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
 from device_client.endpoints import Endpoint, default_endpoints, parse_endpoint, remembered_first
-from device_client.proxy import ProxyError, choose_proxy, connect_through, describe_os_error
+from device_client.proxy import (
+    ProxyError,
+    choose_proxy,
+    connect_through,
+    describe_os_error,
+    dial_tcp,
+)
 from device_client.tls import TlsTrust, client_context
-from device_client.wstransport import WebSocketTunnel
+from device_client.wstransport import WebSocketTunnel, websocket_socket
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +222,19 @@ async def dial_relay(
         "relay %s connected transport=%s (%s%s)", dialled.endpoint, dialled.transport, first, failed
     )
     return dialled
+
+
+def data_connector(
+    config: ClientConfig, tunnel: Endpoint
+) -> Callable[[str, int], Awaitable[socket.socket]]:
+    """How data connections are dialled: like the tunnel (its proxy; over its WebSocket when
+    the tunnel's own endpoint is one, the relay's dispatch reading the same bytes there)."""
+
+    async def connect(host: str, port: int) -> socket.socket:
+        if tunnel.websocket and (host, port) == (tunnel.host, tunnel.port):
+            context = client_context(tls_trust(config)) if tunnel.scheme == "wss" else None
+            proxy = choose_proxy(config.proxy, tunnel.host)
+            return await websocket_socket(tunnel, context=context, proxy=proxy)
+        return await dial_tcp(config.proxy, host, port)
+
+    return connect

@@ -20,7 +20,7 @@ import asyncssh
 
 from core.data_wire import CONTROL_HOST
 from device_client.config import ClientConfig
-from device_client.dialer import describe, dial_relay
+from device_client.dialer import data_connector, describe, dial_relay
 
 if TYPE_CHECKING:
     from device_client.data_sessions import DataDialer
@@ -211,7 +211,12 @@ async def open_tunnel(
     dialled = await dial_relay(config, key, last_good)
     conn, endpoint = dialled.conn, dialled.endpoint
     activity = Activity()
-    dialer = DataDialer(config, activity, also=((endpoint.host, endpoint.port),))
+    dialer = DataDialer(
+        config,
+        activity,
+        also=((endpoint.host, endpoint.port),),
+        connect=data_connector(config, endpoint),
+    )
     try:
         server = None
         if config.target == "builtin":

@@ -11,6 +11,7 @@ WebSocket protocol itself is the `websockets` library's sans-I/O client.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -197,3 +198,81 @@ class WebSocketTunnel:
     def __str__(self) -> str:
         via = f" via proxy {self._proxy}" if self._proxy else ""
         return f"{self.endpoint}{via}"
+
+
+class _PairEnd(asyncio.Protocol):
+    """Our end of the socketpair: bytes written by the data path go out as WebSocket messages."""
+
+    def __init__(self) -> None:
+        self.ws: WebSocketTransport | None = None  # set once the WebSocket is open
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.write(data)
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ws is not None:
+            self.ws.close()
+
+
+class _ToPair(asyncio.Protocol):
+    """Above the WebSocket: the relay's bytes go into the socketpair."""
+
+    def __init__(self, pair: _PairEnd) -> None:
+        self.pair = pair
+        self.early: list[bytes] = []  # until the socketpair end is wired up
+
+    def data_received(self, data: bytes) -> None:
+        if self.pair.transport is None:
+            self.early.append(data)
+        else:
+            self.pair.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pair.transport is not None:
+            self.pair.transport.close()
+
+
+async def websocket_socket(
+    endpoint: Endpoint, *, context: ssl.SSLContext | None, proxy: Proxy | None
+) -> socket.socket:
+    """A plain socket whose bytes travel over a WebSocket to `endpoint` (for data connections).
+
+    The caller gets one end of a socketpair; the other end is pumped to and from the
+    WebSocket here, so code that needs a socket (the data path) runs over it unchanged.
+    """
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    uppers: list[_ToPair] = []
+    pair = _PairEnd()
+
+    def make_upper() -> asyncio.Protocol:
+        uppers.append(_ToPair(pair))
+        return uppers[0]
+
+    tunnel = WebSocketTunnel(endpoint, context=context, proxy=proxy)
+    try:
+        ws_transport, _upper = await tunnel.create_connection(make_upper, endpoint.host, 0)
+        assert isinstance(ws_transport, WebSocketTransport)
+        pair.ws = ws_transport
+        await loop.connect_accepted_socket(lambda: pair, ours)
+        assert pair.transport is not None
+        for data in uppers[0].early:
+            pair.transport.write(data)
+    except BaseException:
+        ours.close()
+        theirs.close()
+        raise
+    return theirs

@@ -98,8 +98,9 @@ def test_https_only_proxy_falls_back_to_websocket_and_remembers_it(
     firewall: WebFirewall, tls_relay: RlyServer, tmp_path: Path
 ) -> None:
     """Through a password proxy that allows only 443-style CONNECTs the device enrolls, checks
-    in, falls back to wss+connect by itself, serves a root shell, and after a restart goes
-    straight to the WebSocket endpoint; the proxy password is in no log."""
+    in, falls back to wss+connect by itself, serves a root shell (its data connection over a
+    WebSocket too), and after a restart goes straight to the WebSocket endpoint; the proxy
+    password is in no log."""
     proxy = https_only_proxy(firewall, tls_relay)
     config = tmp_path / "dev" / "client.toml"
     cert = Path(tls_relay.config["http"]["tls_cert"])
@@ -113,6 +114,8 @@ def test_https_only_proxy_falls_back_to_websocket_and_remembers_it(
         r"relay ssh://127\.0\.0\.1:\d+ failed: proxy \S+ refused CONNECT", 5, stream="stderr"
     )
     root_shell(tls_relay, dev, "wss+connect")
+    # the session's data connection rode a WebSocket through the proxy as well
+    client.wait_for_line(r"data connection up session=", 5, stream="stderr")
     listing = tls_relay.run_cli("device", "list", check=True).stdout
     assert re.search(rf"^{dev}\s+online \(wss\+connect\)", listing, re.M), listing
     state = json.loads(config.with_suffix(".state.json").read_text())
