@@ -103,14 +103,18 @@ async def dial_data(
     request: DialRequest,
     also: tuple[tuple[str, int], ...] = (),
     connect: Callable[[str, int], Awaitable[socket.socket]] = _connect,
+    *,
+    also_first: bool = False,
 ) -> socket.socket:
     """A connected socket after the relay's OK, trying the request's endpoints (then `also`).
 
     `connect` opens the TCP connection (device_client.proxy.dial_tcp goes through the
-    HTTP CONNECT proxy the tunnel uses).
+    HTTP CONNECT proxy the tunnel uses); `also_first` tries `also` first (a tunnel that
+    came in over a WebSocket: its data connections take the same way out).
     """
     error: OSError = DialError("no endpoint")
-    for host, port in dict.fromkeys((*request.endpoints, *also)):
+    order = (*also, *request.endpoints) if also_first else (*request.endpoints, *also)
+    for host, port in dict.fromkeys(order):
         try:
             sock = await asyncio.wait_for(connect(host, port), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:

@@ -73,12 +73,14 @@ class DataDialer:
         activity: Activity,
         also: tuple[tuple[str, int], ...] = (),
         connect: Callable[[str, int], Awaitable[socket.socket]] | None = None,
+        also_first: bool = False,
     ) -> None:
         self.config = config
         self.activity = activity
         self.also = also
         # the tunnel's way out (device_client.dialer.data_connector): proxy, WebSocket
         self.connect = connect or functools.partial(dial_tcp, config.proxy)
+        self.also_first = also_first
         self._tasks: set[asyncio.Task[None]] = set()
 
     def control_session(self) -> ControlSession:
@@ -104,7 +106,7 @@ class DataDialer:
     async def _serve(self, request: DialRequest) -> None:
         with self.activity.track():
             try:
-                sock = await dial_data(request, self.also, self.connect)
+                sock = await dial_data(request, self.also, self.connect, also_first=self.also_first)
             except OSError as exc:
                 log.warning("data connection for session %s failed: %s", request.session, exc)
                 return

@@ -216,6 +216,7 @@ async def open_tunnel(
         activity,
         also=((endpoint.host, endpoint.port),),
         connect=data_connector(config, endpoint),
+        also_first=endpoint.websocket,  # came in over a WebSocket: data goes the same way
     )
     try:
         server = None
