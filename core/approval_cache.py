@@ -76,8 +76,9 @@ def use(
     grant: ApprovalGrant,
     client_version: str,
     relay_node: str,
-) -> Approval:
-    """An approved Approval row for a login let in by `grant` (audited)."""
+) -> Approval | None:
+    """An approved Approval row for a login let in by `grant` (audited); None if the grant
+    was revoked or expired since it was read."""
     now = utcnow()
     used = session.execute(
         update(ApprovalGrant)
@@ -90,7 +91,7 @@ def use(
         .execution_options(synchronize_session=False)
     )
     if getattr(used, "rowcount", 0) != 1:
-        raise InvalidInput("the remembered approval was revoked or expired a moment ago")
+        return None
     approval = Approval(
         token_hash=token_hash(secrets.token_urlsafe(24)),  # never shown: nothing to open
         code=new_code(),

@@ -159,6 +159,8 @@ class ApprovalGate:
                 client_version=self.client_version,
                 relay_node=self.ctx.node_name,
             )
+            if approval is None:  # revoked a moment ago: ask as usual
+                return None
             return Decision(
                 "approved", _identity(user, approval.id), remembered_until=grant.expires_at
             )
