@@ -62,7 +62,10 @@ def status_report(config: ClientConfig, config_path: Path, *, ask_tracker: bool)
     lines.append(f"last check-in: {ago(state.last_checkin if state else None)}{result}")
     tunnel_up = running and state is not None and state.tunnel_state == "up"
     if tunnel_up and state:
-        lines.append(f"tunnel:        up via {state.relay}:{state.port} since {ago(state.since)}")
+        over = f" over {state.transport}" if state.transport else ""
+        lines.append(
+            f"tunnel:        up via {state.relay}:{state.port}{over} since {ago(state.since)}"
+        )
     else:
         lines.append(f"tunnel:        {tunnel_down(state, running)}")
     lines.append(f"config:        {config_path}")

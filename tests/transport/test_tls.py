@@ -98,3 +98,4 @@ def test_pinned_ca_file_is_copied_and_used_by_run_and_status(
     status = process_factory([*CLIENT, "status", "--tracker", "--config", str(config)], name="st")
     assert status.wait(30) == 0, status.output
     assert "status:        accepted (tracker, now)" in status.stdout
+    assert re.search(r"tunnel:        up via 127\.0\.0\.1:\d+ over wss since", status.stdout)
