@@ -444,3 +444,32 @@ def test_close_device_ends_its_data_sessions(
     first.expect(rf"Connection to {device.id} \(dp-nas\) closed: connection to the device lost\.")
     first.expect(PROMPT)
     world.stack.wait_online(device.id, timeout=device.backoff_cap + 15)  # persistent: it returns
+
+
+def test_on_demand_device_opens_its_tunnel_then_a_data_connection(
+    world: World, technician_factory: TechnicianFactory
+) -> None:
+    """An on-demand device without a tunnel is asked for one through its check-in; the
+    session then runs on a data connection, and the tunnel stays up while it does."""
+    stack = world.stack
+    device = stack.enroll_device(hostname="dp-lazy", serial="SN-DP-3", target="builtin")
+    stack.server.run_cli("device", "mode", device.id, "on-demand", check=True)
+    device.edit_config(tunnel_mode="on-demand", idle_timeout=1.0)
+    device.start()
+    wait_for(lambda: stack.device_row(device.id).last_checkin_at, 15, "a first check-in")
+    assert stack.open_tunnel(device.id) is None
+    tech = world.menu(technician_factory)
+    started = time.monotonic()
+    tech.sendline(f"connect {device.id}")
+    tech.sendline("echo lazy-$((6*6))")
+    tech.expect("lazy-36", timeout=15)
+    took = time.monotonic() - started
+    _assert_data_path(world, world.last_session(device.id))
+    time.sleep(2.0)  # beyond idle_timeout: the open data connection keeps the tunnel
+    assert stack.open_tunnel(device.id) is not None
+    tech.sendline("echo still-$((7*7))")
+    tech.expect("still-49")
+    tech.sendline("exit")
+    tech.expect(PROMPT)
+    print(f"on-demand connect to shell output: {took:.2f} s")
+    stack.wait_offline(device.id, timeout=10)  # idle again: the tunnel goes
