@@ -18,6 +18,7 @@ from core.audit_verify import verify
 from core.db import make_engine, make_sessions, upgrade
 from core.models import AuditEvent
 from tests.support.paths import private_dir
+from tests.support.pg import fresh_database
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -170,9 +171,20 @@ def test_concurrent_writer_processes_keep_one_chain(
     assert result.line() == f"audit chain intact: {total} rows"
 
 
-def test_migration_chains_rows_written_before_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_chains_rows_written_before_it(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Rows that existed before revision 0005 are chained by the upgrade, oldest first."""
-    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    if backend == "sqlite":
+        _migrate_with_old_rows(f"sqlite:///{tmp_path / 'old.sqlite3'}", "")
+        return
+    request.getfixturevalue("pg_url")  # skips (or fails) like the others without PostgreSQL
+    with fresh_database() as url:
+        _migrate_with_old_rows(url, "+00")
+
+
+def _migrate_with_old_rows(url: str, zone: str) -> None:
     from alembic import command
 
     from core.db import alembic_config
@@ -186,7 +198,7 @@ def test_migration_chains_rows_written_before_it(tmp_path: Path) -> None:
                     "INSERT INTO audit_events (at, action, actor, target, detail, source_ip) "
                     "VALUES (:at, 'old.row', 'seed', '', :d, '')"
                 ),
-                {"at": f"2026-11-0{i + 1} 10:00:00.000000", "d": f"old {i}"},
+                {"at": f"2026-11-0{i + 1} 10:00:00.000000{zone}", "d": f"old {i}"},
             )
     engine.dispose()
     upgrade(url)
