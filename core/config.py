@@ -67,6 +67,10 @@ class RelaySettings:
     max_unauthenticated_per_source: int = 16
     max_channels_per_connection: int = 16
     node_name: str = ""  # empty: the machine's hostname
+    # relay peering (issue 11, SPEC 8): node-to-node SSH, private network only; 0: a free port.
+    # Listens only on a shared (PostgreSQL) database; peering_listen empty: relay.listen
+    peering_port: int = _port("peering_port", 2300)
+    peering_listen: str = ""
     heartbeat_interval: float = _duration("5s")  # node registry; silent for 3 of them: gone
     public_host: str = ""  # host devices dial; empty: the host of http.public_url
     min_client_version: str = ""
@@ -275,6 +279,7 @@ def _validate(settings: Settings) -> None:
     for key, host in (
         ("relay.listen", settings.relay.listen),
         ("http.listen", settings.http.listen),
+        ("relay.peering_listen", settings.relay.peering_listen or "localhost"),
     ):
         try:
             ipaddress.ip_address(host)

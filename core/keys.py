@@ -1,4 +1,4 @@
-"""The relay's keys: host CA, host key + certificate, and the user CA.
+"""The relay's keys: host CA, host key + certificate, the user CA, and node peering certificates.
 
 They live in `<data_dir>/keys` (0700), private files 0600. A file that group or
 others can read stops start-up with its name, so a leaked copy is noticed
@@ -65,6 +65,15 @@ def _load_or_generate(path: Path) -> asyncssh.SSHKey:
 
 
 @dataclass(frozen=True)
+class NodeIdentity:
+    """A relay node's peering key, its host certificate and its node client certificate."""
+
+    key: asyncssh.SSHKey
+    host_cert: asyncssh.SSHCertificate
+    client_cert: asyncssh.SSHCertificate
+
+
+@dataclass(frozen=True)
 class KeyStore:
     host_ca: asyncssh.SSHKey
     host_key: asyncssh.SSHKey
@@ -98,6 +107,35 @@ class KeyStore:
 
     def host_fingerprint(self) -> str:
         return str(self.host_key.get_fingerprint())
+
+    def node_identity(self, node_name: str) -> NodeIdentity:
+        """This relay node's peering identity: its host key with two host-CA certificates.
+
+        Relay peering (SPEC 8) authenticates both ends by node name. The server
+        side presents a host certificate whose only principal is the node name;
+        the client side logs in as the node name with a *user* certificate signed
+        by the same host CA (key id `rly-node:<name>`, principal the node name,
+        no permissions). Devices trust only the user CA, so a node certificate
+        opens no device; technicians' certificates come from the user CA, so none
+        of them opens a peering port.
+        """
+        host_cert = self.host_ca.generate_host_certificate(
+            self.host_key, f"rly-node:{node_name}", principals=[node_name],
+            valid_before=HOST_CERT_VALIDITY,
+        )  # fmt: skip
+        client_cert = self.host_ca.generate_user_certificate(
+            self.host_key,
+            f"rly-node:{node_name}",
+            principals=[node_name],
+            valid_after="-1m",
+            valid_before=HOST_CERT_VALIDITY,
+            permit_x11_forwarding=False,
+            permit_agent_forwarding=False,
+            permit_port_forwarding=True,  # the device channel is a direct-tcpip open
+            permit_pty=False,
+            permit_user_rc=False,
+        )
+        return NodeIdentity(self.host_key, host_cert, client_cert)
 
     def user_certificate(
         self, *, session_id: str, username: str, principal: str

@@ -15,6 +15,7 @@ from relay.data_port import listen_device_port
 from relay.device_server import device_limiter, make_device_server
 from relay.drain import run_drain_watch
 from relay.node import close_stale_rows, register_node, run_node_heartbeat
+from relay.peering.route import start_peering
 from relay.recording_retention import run_retention
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
 from relay.technician_server import make_technician_server
@@ -45,6 +46,8 @@ class Relay:
         if self.ctx.tunnels.sweeper is not None:
             self.ctx.tunnels.sweeper.cancel()
         self.ctx.tunnels.close_all("relay shutting down")
+        if self.ctx.peers is not None:
+            self.ctx.peers.close()
         await self.ctx.tunnels.drain(5)
         for acceptor in self.acceptors:
             with contextlib.suppress(Exception):
@@ -96,6 +99,9 @@ async def start_relay(ctx: RelayContext) -> Relay:
         acceptor = await _listen(ctx, s.technician_port, tech_server, **tech_extra)
         acceptors.append(acceptor)
         ctx.technician_port = _bound_port(acceptor)
+        peering = await start_peering(ctx)
+        if peering is not None:
+            acceptors.append(peering)
     except OSError:
         for listener in acceptors:
             listener.close()

@@ -14,6 +14,7 @@ from core.hub import Hub
 from core.keys import KeyStore
 from relay.data_tickets import DataWaiters
 from relay.live_sessions import LiveSessions
+from relay.peering.pool import PeerPool
 from relay.tunnels import TunnelRegistry
 
 T = TypeVar("T")
@@ -33,6 +34,8 @@ class RelayContext:
     tunnels: TunnelRegistry = field(default_factory=TunnelRegistry)
     live: LiveSessions = field(default_factory=LiveSessions)  # this process's device sessions
     data: DataWaiters = field(default_factory=DataWaiters)  # sessions awaiting data connections
+    peer_address: str = ""  # relay.peering: host:port other nodes dial; "" when off
+    peers: PeerPool | None = None  # relay.peering: connections to other nodes
 
     async def db(self, fn: Callable[[Session], T]) -> T:
         """Run fn(session) in one transaction, off the event loop."""

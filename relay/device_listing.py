@@ -22,6 +22,7 @@ from relay.context import RelayContext
 from relay.device_actions import ago, when
 from relay.device_lookup import PAGE_SIZE, DeviceInfo
 from relay.live_sessions import LiveCounts
+from relay.peering.route import way_line
 
 LIST_COLUMNS = ("ID", "HOSTNAME", "SERIAL", "STATE", "LAST CHECK-IN", "OS / CLIENT")
 
@@ -91,6 +92,8 @@ def _show(
             f"client {strip_controls(tunnel.client_version) or '-'}, "
             f"from {tunnel.peer_ip}:{tunnel.peer_port}"
         )
+        if tunnel.relay_node != node:
+            lines.append(way_line(session, tunnel.relay_node, node))
     rows = session.scalars(
         select(SshSession)
         .where(SshSession.device_id == device.id, SshSession.ended_at.is_(None))

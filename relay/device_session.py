@@ -25,6 +25,8 @@ from relay.context import RelayContext
 from relay.data_accept import DataStream
 from relay.data_request import request_data_connection
 from relay.device_lookup import DeviceInfo
+from relay.peering.pool import PeerCarrier
+from relay.peering.route import peer_route
 from relay.recording import Recording, RecordingOptions
 from relay.tunnels import DeviceTunnel
 
@@ -85,14 +87,19 @@ class DeviceSession(Generic[Process]):
         return await self.ctx.hub.wait_until(f"tunnel:{device_id}", check, timeout)
 
     async def run(self, remote_command: str) -> Outcome:
-        tunnel = await self.wait_for_tunnel()
-        if tunnel is None:
+        peer = await peer_route(self.ctx, self.device.id)  # the tunnel is on another node
+        tunnel = None if peer is not None else await self.wait_for_tunnel()
+        carrier = peer or tunnel
+        if carrier is None:
             timeout = self.ctx.settings.relay.connect_timeout
             self.say(GIVING_UP)
             self.say(f"Device {self.device.id} did not bring up its tunnel within {timeout:g} s.")
             return Outcome(None, None, "no tunnel")
         session_id = new_id()
-        stream = await request_data_connection(self.ctx, tunnel, self.device.id, session_id)
+        stream = None
+        if tunnel is not None:
+            stream = await request_data_connection(self.ctx, tunnel, self.device.id, session_id)
+        way = "peering" if peer is not None else "data" if stream is not None else "tunnel"
         session_id = await session_rows.start(
             self.ctx,
             self.identity,
@@ -100,12 +107,12 @@ class DeviceSession(Generic[Process]):
             self.client_ip,
             self.traffic,
             session_id=session_id,
-            path="data" if stream is not None else "tunnel",
+            path=way,
         )
         outcome = Outcome(None, None, "connect failed")
         recording: Recording | None = None
         try:
-            conn = await self._connect(tunnel, session_id, stream)
+            conn = await self._connect(carrier, session_id, stream)
             if conn is None:
                 return outcome
             async with conn, _ends_with(tunnel, self.data_stream):
@@ -123,9 +130,12 @@ class DeviceSession(Generic[Process]):
         return outcome
 
     async def _connect(
-        self, tunnel: DeviceTunnel, session_id: str, stream: DataStream | None = None
+        self,
+        tunnel: DeviceTunnel | PeerCarrier,
+        session_id: str,
+        stream: DataStream | None = None,
     ) -> asyncssh.SSHClientConnection | None:
-        """SSH to the target over the data connection (if any), else through the tunnel."""
+        """SSH to the target over the data connection (if any), else the tunnel or the peer."""
         key, cert = self.ctx.keys.user_certificate(
             session_id=session_id, username=self.identity.username, principal=self.device.login_user
         )
@@ -238,10 +248,10 @@ class DeviceSession(Generic[Process]):
 
 
 @contextlib.asynccontextmanager
-async def _ends_with(tunnel: DeviceTunnel, stream: DataStream | None) -> AsyncIterator[None]:
+async def _ends_with(tunnel: DeviceTunnel | None, stream: DataStream | None) -> AsyncIterator[None]:
     """A data connection ends with its device's tunnel (close DEVICE, revocation, loss) and
     counts against the tunnel's channel cap while it runs."""
-    if stream is None:
+    if stream is None or tunnel is None:
         yield
         return
     watch = asyncio.ensure_future(tunnel.closed.wait())

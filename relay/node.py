@@ -68,6 +68,7 @@ async def register_node(ctx: RelayContext) -> None:
         node.public_host = ctx.public_host
         node.device_ports = ",".join(str(p) for p in ctx.device_ports)
         node.technician_port = ctx.technician_port
+        node.peer_address = ctx.peer_address  # relay.peering; "" when off
         node.started_at = node.last_seen_at = utcnow()
         node.heartbeat_interval = ctx.settings.relay.heartbeat_interval
         node.tunnels = node.sessions = 0

@@ -35,6 +35,7 @@ BASE_CONFIG: Mapping[str, Any] = {
         "listen": "127.0.0.1",
         "technician_port": 0,
         "device_ports": [0],
+        "peering_port": 0,  # several relays on one host in one run
         "public_host": "127.0.0.1",
     },
     "http": {"listen": "127.0.0.1", "port": 0},
