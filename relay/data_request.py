@@ -41,16 +41,19 @@ async def request_data_connection(
     deadline = loop.time() + timeout
     ticket = new_ticket()
     waiter = ctx.data.expect(session_id, device_id)
-    try:
-        await ctx.db(
+    stored = asyncio.ensure_future(
+        ctx.db(
             lambda s: store_ticket(
                 s, ticket=ticket, device_id=device_id, session_id=session_id, node=ctx.node_name
             )
         )
+    )  # while the control channel opens; the request is written once the row is in
+    stored.add_done_callback(lambda f: f.cancelled() or f.exception())  # seen, if not awaited
+    try:
         request = dial_request(
             ticket=ticket, session_id=session_id, node=ctx.node_name, endpoints=endpoints(ctx)
         )
-        await asyncio.wait_for(tunnel.send_dial(request), deadline - loop.time())
+        await asyncio.wait_for(tunnel.send_dial(request, stored), deadline - loop.time())
         return await asyncio.wait_for(asyncio.shield(waiter.arrived), deadline - loop.time())
     except (
         TimeoutError,
@@ -68,3 +71,5 @@ async def request_data_connection(
         return None
     finally:
         ctx.data.forget(session_id)
+        if not stored.done():
+            stored.cancel()  # the thread still finishes its write; nobody waits for it

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -88,12 +88,15 @@ class DeviceTunnel:
         waiter.add_done_callback(lambda _t: self._channels.discard(chan))
         return chan, session
 
-    async def send_dial(self, request: dict[str, Any]) -> None:
+    async def send_dial(
+        self, request: dict[str, Any], ready: Awaitable[object] | None = None
+    ) -> None:
         """Ask the device to dial a data connection: one JSON line on a control channel.
 
         The channel is opened back through the device's forward like a session's,
         with CONTROL_HOST as its originator so that rly-client tells it apart; it
-        is closed as soon as the line is written.
+        is closed as soon as the line is written. `ready` (the ticket's row being
+        stored) is awaited between the open and the write, so the two overlap.
         """
         if self.closed.is_set() or not self.data_capable:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "no control channel")
@@ -101,6 +104,8 @@ class DeviceTunnel:
             self.listen_host, self.listen_port, CONTROL_HOST, 0, encoding=None
         )
         try:
+            if ready is not None:
+                await ready
             writer.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
             writer.write_eof()
         finally:
