@@ -30,6 +30,7 @@ from bench import (
     events,
     idle_tunnels,
     keystroke,
+    peering,
     throughput,
     websocket,
 )
@@ -48,6 +49,7 @@ STANDALONE: dict[str, Callable[[Path, Scale, bool], LegResult]] = {
     "checkins": checkins.run,
     "events": events.run,
     "websocket": websocket.run,
+    "peering": peering.run,
 }
 LEGS = [*SHARED, *STANDALONE]
 
