@@ -9,6 +9,7 @@ import asyncssh
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.config import Settings
 from core.models import RelayNode, Tunnel
 from relay.context import RelayContext
 from relay.peering.pool import PeerCarrier, PeerPool
@@ -17,9 +18,9 @@ from relay.peering.server import listen_peering
 log = logging.getLogger(__name__)
 
 
-def peering_enabled(ctx: RelayContext) -> bool:
+def peering_enabled(settings: Settings) -> bool:
     """Peering needs other nodes, so a shared database: never on the embedded SQLite."""
-    return not ctx.settings.effective_database_url.startswith("sqlite")
+    return not settings.effective_database_url.startswith("sqlite")
 
 
 def remote_tunnel_node(session: Session, device_id: str, me: str) -> str | None:
@@ -57,7 +58,7 @@ def advertised_host(ctx: RelayContext, bound: str) -> str:
 
 async def start_peering(ctx: RelayContext) -> asyncssh.SSHAcceptor | None:
     """Listen on the peering port and set up the pool; None on the embedded database."""
-    if not peering_enabled(ctx):
+    if not peering_enabled(ctx.settings):
         return None
     s = ctx.settings.relay
     identity = ctx.keys.node_identity(ctx.node_name)
