@@ -154,7 +154,9 @@ class DeviceSession(Generic[Process]):
             self.say("Refusing to connect; an admin must check the device and re-pin its key.")
             return None
         except (OSError, TimeoutError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
-            if stream is not None:  # the tunnel path may still work: no session fails for this
+            # The tunnel path may still work, so no session fails for a broken data
+            # connection; a target that stays silent would only make us wait twice.
+            if stream is not None and not isinstance(exc, TimeoutError):
                 log.warning("data path failed session=%s error=%s; using the tunnel",
                             session_id, _one_line(exc))  # fmt: skip
                 stream.close()

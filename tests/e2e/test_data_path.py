@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.models import Account, DataConnection, Device, SshSession
+from tests.adversarial.hostile import HostileTarget
 from tests.adversarial.proxy import TcpProxy
 from tests.e2e.stack import DeviceUnderTest, Stack, wait_for
 from tests.relay.device_port_support import host_ca_public, new_key
@@ -473,3 +474,26 @@ def test_on_demand_device_opens_its_tunnel_then_a_data_connection(
     tech.expect(PROMPT)
     print(f"on-demand connect to shell output: {took:.2f} s")
     stack.wait_offline(device.id, timeout=10)  # idle again: the tunnel goes
+
+
+def test_a_silent_target_is_given_up_once_not_twice(
+    world: World, technician_factory: TechnicianFactory
+) -> None:
+    """A target that never answers on the data connection gives `Giving up. Cannot connect`
+    within connect_timeout (5 s) + 3 s: no second wait through the tunnel."""
+    stack = world.stack
+    with HostileTarget("silence").start() as target:
+        device = stack.enroll_device(hostname="dp-mute", serial="SN-DP-4")
+        device.edit_config(target_port=target.port)
+        device.start()
+        stack.wait_online(device.id)
+        tech = world.menu(technician_factory)
+        started = time.monotonic()
+        tech.sendline(f"connect {device.id}")
+        tech.expect("Giving up. Cannot connect", timeout=15)
+        took = time.monotonic() - started
+        tech.expect(PROMPT)
+        assert took < 5 + 3, took
+        assert world.last_session(device.id).path == "data"
+        assert device.process is not None
+        device.process.stop()
