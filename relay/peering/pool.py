@@ -17,10 +17,15 @@ from typing import Any
 import asyncssh
 
 from core.keys import NodeIdentity
-from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
+from relay.ssh_options import algorithm_options
 
 log = logging.getLogger(__name__)
 DIAL_TIMEOUT = 5.0
+# Both ends are asyncssh: channel packets large enough that one inner SSH packet (32 KiB plus
+# its framing) crosses the peering hop as one packet, not two; asyncssh raises its receive
+# limit to match.
+PEER_WINDOW = 8 * 1024 * 1024
+PEER_PACKET = 256 * 1024
 
 AddressLookup = Callable[[str], Awaitable[str | None]]
 
@@ -100,8 +105,8 @@ class PeerPool:
                     config=None,
                     keepalive_interval=interval,
                     keepalive_count_max=count,
-                    window=WINDOW,
-                    max_pktsize=MAX_PACKET,
+                    window=PEER_WINDOW,
+                    max_pktsize=PEER_PACKET,
                     **algorithm_options(),
                 ),
                 DIAL_TIMEOUT,
@@ -118,7 +123,9 @@ class PeerPool:
         for attempt in (1, 2):
             conn = await self.connection(node)
             try:
-                return await conn.create_connection(factory, f"device:{device_id}", 0)
+                return await conn.create_connection(
+                    factory, f"device:{device_id}", 0, window=PEER_WINDOW, max_pktsize=PEER_PACKET
+                )
             except (asyncssh.ConnectionLost, asyncssh.DisconnectError, BrokenPipeError):
                 self._drop(node, conn)
                 if attempt == 2:

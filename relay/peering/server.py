@@ -26,7 +26,8 @@ from core.keys import NodeIdentity
 from core.models import RelayNode
 from core.validate import DEVICE_ID_RE, NAME_RE
 from relay.context import RelayContext
-from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
+from relay.peering.pool import PEER_PACKET, PEER_WINDOW
+from relay.ssh_options import algorithm_options
 
 log = logging.getLogger(__name__)
 DEVICE_PREFIX = "device:"
@@ -174,8 +175,8 @@ async def listen_peering(
         login_timeout=s.login_grace,
         keepalive_interval=s.keepalive_interval,
         keepalive_count_max=s.keepalive_count,
-        window=WINDOW,
-        max_pktsize=MAX_PACKET,
+        window=PEER_WINDOW,
+        max_pktsize=PEER_PACKET,
         password_auth=False,
         kbdint_auth=False,
         agent_forwarding=False,
