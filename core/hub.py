@@ -83,17 +83,58 @@ class Hub:
         finally:
             unsubscribe()
 
+    def watch(self, topic: str) -> Watch:
+        """A subscription kept across several waits: a wake-up between them is not lost."""
+        return Watch(self, topic)
+
     async def wait_until(
         self, topic: str, check: Callable[[], Awaitable[T | None]], timeout: float
     ) -> T | None:
-        """Poll `check` until it returns a value, waking early on notify."""
+        """Poll `check` until it returns a value, waking early on notify (also one during check)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            result = await check()
-            if result is not None:
-                return result
-            left = deadline - loop.time()
-            if left <= 0:
-                return None
-            await self.wait(topic, min(POLL_INTERVAL, left))
+        with self.watch(topic) as watch:
+            while True:
+                result = await check()
+                if result is not None:
+                    return result
+                left = deadline - loop.time()
+                if left <= 0:
+                    return None
+                await watch.wait(min(POLL_INTERVAL, left))
+
+
+class Watch:
+    """One topic's wake-ups, remembered until the next `wait`.
+
+    `hub.wait` subscribes only while it waits, so a notify that lands while the
+    caller re-reads the database (between two waits) is lost and the caller
+    sleeps its whole tick. A Watch stays subscribed from creation to `close`.
+    """
+
+    def __init__(self, hub: Hub, topic: str) -> None:
+        self._hub = hub
+        self._woken = asyncio.Event()
+        self._unsubscribe = hub.subscribe(topic, self._woken.set)
+
+    async def wait(self, timeout: float) -> bool:
+        """True if woken since the previous wait (or now), False on timeout or while closing."""
+        if self._hub.closing:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._woken.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._woken.clear()
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -176,6 +176,7 @@ class ApprovalGate:
         pending = self.pending
         loop = asyncio.get_running_loop()
         deadline = loop.time() + pending.ttl
+        woken = self.ctx.hub.watch(f"approval:{pending.approval_id}")  # kept across the reads
         try:
             while True:
                 decision = await self._check(pending.approval_id)
@@ -188,10 +189,12 @@ class ApprovalGate:
                     continue  # decided at the last moment: read it
                 if tick is not None:
                     tick(left)
-                await self.ctx.hub.wait(f"approval:{pending.approval_id}", min(TICK, left))
+                await woken.wait(min(TICK, left))
         except asyncio.CancelledError:
             await asyncio.shield(self.abandon())
             raise
+        finally:
+            woken.close()
 
     async def abandon(self) -> None:
         """The SSH side left before a decision."""
