@@ -99,6 +99,16 @@ def test_relay_list_shows_live_nodes_with_load(fleet: Fleet) -> None:
     with fleet.db() as s:  # each node's own heartbeat carries its load too
         load = dict(s.execute(select(RelayNode.name, RelayNode.tunnels)).all())
     assert sum(load.values()) == len(fleet.devices), load
+    for args, error in (
+        (("relay", "drain", "relay-x"), "relay node 'relay-x' is not registered"),
+        (("relay", "drain", "relay-a", "--deadline", "soon"), "--deadline: not a duration"),
+        (("relay", "resume", "relay-a"), "relay node relay-a is not draining"),
+    ):
+        refused = fleet.hub.run_cli(*args)
+        assert (refused.returncode, refused.stdout) == (2, ""), refused
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"rly: {error}"), refused.stderr
+    assert relay_list(fleet)["relay-a"][0] == "live"  # nothing changed
 
 
 def test_open_is_never_sent_to_a_device_tunnelled_elsewhere(fleet: Fleet) -> None:
