@@ -14,11 +14,13 @@ audited as `peering.refused_request`; a refused login as `peering.refused_login`
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import asyncssh
 from asyncssh.forward import SSHForwarder  # public module; the class asyncssh's own -J uses
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import audit
@@ -28,10 +30,13 @@ from core.validate import DEVICE_ID_RE, NAME_RE
 from relay.context import RelayContext
 from relay.peering.pool import PEER_PACKET, PEER_WINDOW
 from relay.ssh_options import algorithm_options
+from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
 DEVICE_PREFIX = "device:"
 NO_KEY = "no key offered"
+# asyncssh types its session factories as SSHTCPSession; its forwarder is one (duck-typed)
+FORWARDER = cast(Callable[[], asyncssh.SSHTCPSession[Any]], SSHForwarder)
 
 
 def is_registered_node(session: Session, name: str) -> bool:
@@ -55,6 +60,7 @@ class PeeringServer(asyncssh.SSHServer):
 
     # --- login -----------------------------------------------------------------------------
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer_ip = str(peer[0])
 
@@ -63,11 +69,17 @@ class PeeringServer(asyncssh.SSHServer):
             self._audit("peering.refused_login", f"user={self.username[:64]}: {self.refusal}")
 
     async def begin_auth(self, username: str) -> bool:
-        self.username = username
+        """Called again if the client switches user names: each name is checked afresh."""
+        self.username, self.node = username, None
         if not NAME_RE.fullmatch(username):
             self._refused("not a node name")
             return True
-        if await self.ctx.db(lambda s: is_registered_node(s, username)):
+        try:
+            registered = await self.ctx.db(lambda s: is_registered_node(s, username))
+        except SQLAlchemyError:
+            self._refused("the node registry is unavailable")
+            return True
+        if registered:
             self.node = username
         else:
             self._refused("not a registered relay node")
@@ -96,6 +108,7 @@ class PeeringServer(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self._authenticated = True
+        self.node = str(self._conn.get_extra_info("username"))  # the name that authenticated
         log.info("peering login node=%s from=%s", self.node, self.peer_ip)
 
     # --- requests ----------------------------------------------------------------------------
@@ -113,14 +126,14 @@ class PeeringServer(asyncssh.SSHServer):
         log.info("peering channel node=%s device=%s", self.node, device_id)
         return self._splice(tunnel, device_id)
 
-    async def _splice(self, tunnel: Any, device_id: str) -> SSHForwarder:
+    async def _splice(self, tunnel: DeviceTunnel, device_id: str) -> SSHForwarder:
         """Open the device channel through its tunnel and pair it with the peer's channel."""
         try:
-            _chan, device_side = await tunnel.create_connection(SSHForwarder, "", 0)
+            _chan, device_side = await tunnel.create_connection(FORWARDER, "", 0)
         except asyncssh.ChannelOpenError as exc:
             log.info("peering channel device=%s failed: %s", device_id, exc.reason)
             raise
-        return SSHForwarder(device_side)
+        return SSHForwarder(cast(SSHForwarder, device_side))  # as asyncssh's own -J does
 
     def session_requested(self) -> bool:
         return self._refuse("session channel")
