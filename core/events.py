@@ -76,6 +76,8 @@ class Listener:
                 if self._live:  # it worked until now: come back quickly
                     delay = RETRY_FIRST
                 log.warning("event listener: %s; retry in %.1fs", _one_line(exc), delay)
+            except Exception:  # the thread's entry point: keep listening, the poll covers the gap
+                log.exception("event listener failed; retry in %.1fs", delay)
             finally:
                 self._on_live(False)
             if self._stop.wait(delay):
