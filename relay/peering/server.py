@@ -9,6 +9,8 @@ channel is spliced to a channel opened through that tunnel exactly as the
 in-tunnel session path opens one (DeviceTunnel.create_connection), with
 asyncssh's own forwarder moving the bytes. Everything else is refused and
 audited as `peering.refused_request`; a refused login as `peering.refused_login`.
+Unauthenticated connections count against the relay's pre-auth caps
+(`relay.max_unauthenticated`, `..._per_source`), as on the technician port.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from core.models import RelayNode
 from core.validate import DEVICE_ID_RE, NAME_RE
 from relay.context import RelayContext
 from relay.peering.pool import PEER_PACKET, PEER_WINDOW
+from relay.preauth import PreauthLimiter, RefusalLog
 from relay.ssh_options import algorithm_options
 from relay.tunnels import DeviceTunnel
 
@@ -50,8 +53,10 @@ def is_registered_node(session: Session, name: str) -> bool:
 class PeeringServer(asyncssh.SSHServer):
     """One peer node's connection: deny by default, then allow the device channel."""
 
-    def __init__(self, ctx: RelayContext) -> None:
+    def __init__(self, ctx: RelayContext, limiter: PreauthLimiter) -> None:
         self.ctx = ctx
+        self.limiter = limiter
+        self._counted = False
         self.peer_ip = ""
         self.username = ""
         self.node: str | None = None  # set once the node certificate was accepted
@@ -63,8 +68,18 @@ class PeeringServer(asyncssh.SSHServer):
         self._conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer_ip = str(peer[0])
+        if not self.limiter.admit(self.peer_ip):  # the technician port's pre-auth caps
+            conn.abort()
+            return
+        self._counted = True
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.limiter.release(self.peer_ip)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         if not self._authenticated and self.username:
             self._audit("peering.refused_login", f"user={self.username[:64]}: {self.refusal}")
 
@@ -108,6 +123,7 @@ class PeeringServer(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         self._authenticated = True
+        self._release()
         self.node = str(self._conn.get_extra_info("username"))  # the name that authenticated
         log.info("peering login node=%s from=%s", self.node, self.peer_ip)
 
@@ -179,10 +195,13 @@ async def listen_peering(
 ) -> asyncssh.SSHAcceptor:
     """The peering acceptor: the node's host certificate, publickey only, no scp or agent."""
     s = ctx.settings.relay
+    limiter = PreauthLimiter(
+        s.max_unauthenticated, s.max_unauthenticated_per_source, refusals=RefusalLog(log, "peering")
+    )
     return await asyncssh.listen(
         host,
         port,
-        server_factory=lambda: PeeringServer(ctx),
+        server_factory=lambda: PeeringServer(ctx, limiter),
         server_host_keys=[(identity.key, identity.host_cert)],
         reuse_address=True,
         login_timeout=s.login_grace,

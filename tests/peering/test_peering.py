@@ -10,14 +10,17 @@ audited; kill -9 of relay-b ends the session on relay-a with a message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
 import signal
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -36,6 +39,7 @@ from tests.support.technician import Technician, TechnicianFactory
 
 pytestmark = pytest.mark.slow
 PROMPT = re.escape("rly:alice@acme> ")
+SOURCE = ("127.0.9.9", 0)  # a source of its own: relay-a's pool is not affected
 
 
 @dataclass
@@ -269,6 +273,41 @@ def test_a_peer_asking_for_anything_but_a_device_channel_is_refused_and_audited(
         "session channel",
         "session channel",
     ], details
+
+
+def test_unauthenticated_peering_connections_are_capped_per_source(
+    world: World, tmp_path: Path
+) -> None:
+    """Silent connections from one source beyond relay.max_unauthenticated_per_source (16)
+    are dropped at once; the held ones see the SSH banner, and a node logs in afterwards."""
+    host, port = split_address(world.db.peer_address("relay-b"))
+    held = []
+    try:
+        for _ in range(16):
+            sock = socket.create_connection((host, port), timeout=5, source_address=SOURCE)
+            assert sock.recv(64).startswith(b"SSH-2.0-")  # accepted and counted
+            held.append(sock)
+        extra = socket.create_connection((host, port), timeout=5, source_address=SOURCE)
+        with extra, contextlib.suppress(ConnectionResetError):
+            assert extra.recv(64) == b""  # dropped before any SSH byte
+    finally:
+        for sock in held:
+            sock.close()
+    node = _node_store(world, tmp_path).node_identity("relay-a")
+
+    async def login() -> None:
+        async with await _login(f"{host}:{port}", "relay-a", (node.key, node.client_cert)):
+            pass
+
+    wait_for(lambda: _succeeds(login), 5, "a node login after the held connections closed")
+
+
+def _succeeds(login: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+    try:
+        asyncio.run(login())
+    except (OSError, asyncssh.Error):
+        return False
+    return True
 
 
 def test_the_client_refuses_a_peer_whose_certificate_names_another_node(
