@@ -15,8 +15,9 @@ keyboard-interactive to password: every OpenSSH gate login takes this path,
 including interactive ones, and those keep the in-session wait (countdown,
 Ctrl-C withdraws, the rejection/expiry words on the terminal, all visible even
 with `-q`/LogLevel=ERROR, which hides keyboard-interactive instructions). The
-session does not print the block a second time (`shown_at_login`): one waiting
-line, and Enter shows the block for a client that hid it. The
+session does not print the block a second time when the client is one that
+displays it (`shown_at_login`, OpenSSH): one waiting line, and Enter shows the
+block for a client run with -q. The
 menu session and the ProxyJump channel both wait on the one `SharedApproval`
 of the connection, so nobody is asked to approve twice; nothing but the
 approval text is reachable before the decision (the menu waits, a jump
@@ -48,6 +49,17 @@ class ApprovalWaiter(Protocol):
     async def wait(self, tick: Callable[[float], None] | None = None) -> Decision: ...
 
     async def abandon(self) -> None: ...
+
+
+# Clients known to print keyboard-interactive instructions: OpenSSH (at its default
+# LogLevel INFO). asyncssh, for one, drops a prompt-less round silently, so for any other
+# client the session prints the link again rather than risk it being shown nowhere.
+SHOWS_INSTRUCTIONS = ("SSH-2.0-OpenSSH_",)
+
+
+def shows_instructions(client_version: str) -> bool:
+    """Whether this client displays the prompt-less round's text (see SHOWS_INSTRUCTIONS)."""
+    return client_version.startswith(SHOWS_INSTRUCTIONS)
 
 
 def instructions(pending: Pending) -> str:

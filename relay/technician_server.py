@@ -42,6 +42,7 @@ from relay.kbdint_approval import (
     KbdintApproval,
     KbdintChallenge,
     disconnect_soon,
+    shows_instructions,
 )
 from relay.menu import DISCONNECT_GRACE, LoginInfo, MenuSession
 from relay.preauth import PreauthLimiter, RefusalLog
@@ -113,11 +114,11 @@ class TechnicianServer(asyncssh.SSHServer):
             log.error("technician login without an accepting auth step from=%s", self.client_ip)
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, "rly: login refused")
             return
+        version = str(self.conn.get_extra_info("client_version") or "")
         if step.method == "keyboard-interactive":
-            self.approval.shown_at_login = self.kbdint.displayed
+            self.approval.shown_at_login = self.kbdint.displayed and shows_instructions(version)
         else:
             self._forget_approval()  # a request an earlier kbdint attempt made is not this login's
-        version = str(self.conn.get_extra_info("client_version") or "")
         info = LoginInfo(
             username, step.user_id, self.client_ip, version, step.method, step.key_fingerprint
         )

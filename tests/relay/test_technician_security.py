@@ -282,3 +282,23 @@ def test_client_killed_at_the_menu_prompt_logs_one_info_line(
     lines = relay.output.splitlines()
     assert not [line for line in lines if "Traceback" in line or " ERROR " in line], lines[-20:]
     assert any(" INFO relay.menu: technician " in line for line in lines)
+
+
+def test_client_that_drops_the_kbdint_text_gets_the_link_in_the_session(
+    relay: RlyServer, db: TechDb
+) -> None:
+    """asyncssh answers the prompt-less kbdint round without showing it: the session prints
+    the link (only OpenSSH is trusted to have shown it at login)."""
+
+    async def scenario() -> None:
+        async with asyncssh.connect(
+            "127.0.0.1", relay.technician_port, username="partner", password="partner",
+            known_hosts=None, agent_path=None, config=None, preferred_auth="keyboard-interactive",
+        ) as conn:  # fmt: skip
+            process = await conn.create_process(term_type="xterm", term_size=(80, 24))
+            text = await _read_until(process.stdout, URL_RE)
+            assert "This session needs approval" in text
+            process.close()
+
+    asyncio.run(scenario())
+    assert any("method=keyboard-interactive" in e.detail for e in db.actions("technician.login"))
