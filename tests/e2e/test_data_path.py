@@ -285,7 +285,7 @@ def test_plain_openssh_device_uses_the_tunnel(
     tech.sendline(f"connect {device_id}")
     tech.sendline("echo plain-$((3*3))")
     tech.expect("plain-9")
-    assert time.monotonic() - started < 2.5  # no data-connection wait for a plain device
+    assert time.monotonic() - started < 3.0  # under the 3 s data-connection wait: none
     row = world.last_session(device_id)
     assert row.path == "tunnel"
     with world.stack.db() as s:
