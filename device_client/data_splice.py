@@ -95,6 +95,7 @@ async def splice(a: socket.socket, b: socket.socket) -> None:
     ]
     for thread in threads:
         thread.start()
+
     def close_both(_done: asyncio.Future[None]) -> None:  # once both threads let go
         a.close()
         b.close()
