@@ -17,7 +17,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -208,14 +208,35 @@ def signed_checkin(
     return http.post("/api/v1/checkin", content=payload, headers=headers)
 
 
+class _InstructionsKept(asyncssh.SSHClient):
+    """Answers the gate's password prompt and keeps the prompt-less round's instructions."""
+
+    def __init__(self, password: str) -> None:
+        self.instructions = ""
+        self.password = password
+
+    def kbdint_auth_requested(self) -> str:
+        return ""  # answer the prompts here rather than with asyncssh's silent responder
+
+    def kbdint_challenge_received(
+        self, name: str, instructions: str, lang: str, prompts: Sequence[tuple[str, bool]]
+    ) -> Sequence[str] | None:
+        self.instructions += instructions
+        return [self.password for _prompt in prompts]
+
+
 async def technician(
     port: int,
     *,
     password: str = "partner",  # noqa: S107 - the documented, non-secret gate password
     source: str = "127.0.0.1",
 ) -> tuple[asyncssh.SSHClientConnection, asyncssh.SSHClientProcess[str], str]:
-    """Log in as the gate user with asyncssh, open the menu session and read its approval token."""
-    conn = await asyncssh.connect(
+    """Log in as the gate user with asyncssh, open the menu session and read its approval token.
+
+    The relay shows the approval once: in the keyboard-interactive round when the login
+    went that way (asyncssh answers the password prompt), else in the session."""
+    conn, client = await asyncssh.create_connection(
+        lambda: _InstructionsKept(password),
         "127.0.0.1",
         port,
         username="partner",
@@ -227,7 +248,7 @@ async def technician(
         local_addr=(source, 0),
     )
     process = await conn.create_process(term_type="xterm", term_size=(80, 24))
-    text = ""
+    text = client.instructions
     while (found := re.search(URL_RE, text)) is None:
         chunk = await asyncio.wait_for(process.stdout.read(4096), 10)
         if not chunk:
