@@ -184,7 +184,7 @@ def test_approved_session_lists_connects_and_returns_to_menu(
     tech.sendline(f"show {nas.id}")
     port = stack.server.device_port
     tech.expect(rf"Device {nas.id} \(Nas-Main, serial SN-MAIN-1\): online")
-    tech.expect(rf"Tunnel: relay \S+ port {port}, since [^\r\n]*from 127\.0\.0\.1:\d+")
+    tech.expect(rf"Tunnel: relay \S+ port {port} over ssh, since [^\r\n]*from 127\.0\.0\.1:\d+")
     shown = tech.expect(rf"([\s\S]*?){ALICE}").group(1)
     sessions = re.findall(r"Session (\S+): user alice, from 127\.0\.0\.1, started", shown)
     assert len(sessions) == 1, shown  # the live one; the three ended sessions are not listed
