@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.validate import is_ascii_digits
+
 
 class ConfigError(ValueError):
     """A one-line, user-facing configuration error that names the key."""
@@ -175,7 +177,7 @@ def _as_int(raw: Any, from_env: bool) -> int:
         raise ValueError("must be an integer")
     if isinstance(raw, int):
         return raw
-    if from_env and isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+    if from_env and isinstance(raw, str) and is_ascii_digits(raw.strip().removeprefix("-")):
         return int(raw.strip())
     raise ValueError(f"must be an integer, got {raw!r}")
 

@@ -62,3 +62,8 @@ def device_id(value: str) -> str:
 def strip_controls(value: str) -> str:
     """For display: drop control characters a device may have sent."""
     return "".join(ch for ch in value if not unicodedata.category(ch).startswith("C"))
+
+
+def is_ascii_digits(value: str) -> bool:
+    """True for a non-empty run of 0-9 only (str.isdigit and int() take other digits too)."""
+    return value.isascii() and value.isdigit()

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from core import audit
 from core.devices import token_hash
 from core.models import Device, EnrollToken, RelayNode, Tunnel, utcnow
-from core.validate import new_id
+from core.validate import is_ascii_digits, new_id
 from tracker.errors import ApiError
 from tracker.schemas import DeviceView, EnrollRequest, TunnelView
 
@@ -109,7 +109,7 @@ def relay_endpoints(session: Session) -> tuple[list[str], list[int]]:
         if host and host not in hosts:
             hosts.append(host)
         for part in str(port_list).split(","):
-            if part.strip().isdigit() and int(part) not in ports:
+            if is_ascii_digits(part.strip()) and int(part) not in ports:
                 ports.append(int(part))
     return hosts, ports
 

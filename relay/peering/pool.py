@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from core.keys import NodeIdentity
+from core.validate import is_ascii_digits
 from relay.ssh_options import algorithm_options
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class PeerUnavailable(asyncssh.ChannelOpenError):
 def split_address(address: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' -> (host, port); ValueError if malformed."""
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not is_ascii_digits(port):
         raise ValueError(f"not host:port: {address!r}")
     return host.strip("[]"), int(port)
 

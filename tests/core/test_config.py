@@ -83,6 +83,18 @@ def test_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatc
         load_settings()
 
 
+@pytest.mark.parametrize(
+    "value", ["\uff18\uff10\uff10\uff10", "\u0668\u0660\u0660\u0660", "8\u00b2"]
+)
+def test_environment_integers_take_ascii_digits_only(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Full-width, Arabic-Indic or superscript digits are not a number (int() would take some)."""
+    monkeypatch.setenv("RLY_HTTP_PORT", value)
+    with pytest.raises(ConfigError, match="'RLY_HTTP_PORT' is invalid"):
+        load_settings()
+
+
 def test_invalid_toml_is_one_line(tmp_path: Path) -> None:
     """A file that is not TOML is refused with the file name."""
     path = write(tmp_path, "[relay\n")
