@@ -70,26 +70,28 @@ class DeviceSession(Generic[Process]):
         self.traffic = Traffic()
         self.data_stream: DataStream | None = None  # the data connection the session runs on
 
-    async def wait_for_tunnel(self) -> DeviceTunnel | None:
-        """The device's tunnel on this relay, asking the device to open one if needed."""
+    async def wait_for_tunnel(self) -> DeviceTunnel | PeerCarrier | None:
+        """The device's tunnel on this relay, asking the device to open one if needed; or,
+        when its tunnel is (or comes up) on another node of the fleet, peering to that node."""
         device_id = self.device.id
-        tunnel = self.ctx.tunnels.get(device_id)
+        tunnel = self.ctx.tunnels.get(device_id) or await peer_route(self.ctx, device_id)
         if tunnel is not None:
             return tunnel
         await self.ctx.db(lambda s: session_rows.request_tunnel(s, device_id, "open"))
         self.ctx.hub.notify(f"device:{device_id}")
         self.say(WAITING)  # after the request is stored, so what the technician reads is true
 
-        async def check() -> DeviceTunnel | None:
-            return self.ctx.tunnels.get(device_id)
+        async def check() -> DeviceTunnel | PeerCarrier | None:
+            # placement may bring the tunnel up on another relay (relay.peering.route)
+            return self.ctx.tunnels.get(device_id) or await peer_route(self.ctx, device_id)
 
         timeout = self.ctx.settings.relay.connect_timeout
         return await self.ctx.hub.wait_until(f"tunnel:{device_id}", check, timeout)
 
     async def run(self, remote_command: str) -> Outcome:
-        peer = await peer_route(self.ctx, self.device.id)  # the tunnel is on another node
-        tunnel = None if peer is not None else await self.wait_for_tunnel()
-        carrier = peer or tunnel
+        carrier = await self.wait_for_tunnel()
+        tunnel = carrier if isinstance(carrier, DeviceTunnel) else None
+        peer = carrier if isinstance(carrier, PeerCarrier) else None
         if carrier is None:
             timeout = self.ctx.settings.relay.connect_timeout
             self.say(GIVING_UP)
