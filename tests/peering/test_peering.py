@@ -135,8 +135,8 @@ def test_menu_connect_reaches_a_device_on_another_relay(
 def test_exec_connect_and_proxyjump_scp_across_relays(
     world: World, technician_factory: TechnicianFactory, tmp_path: Path
 ) -> None:
-    """`ssh -t … connect DEV` passes the exit status, and ProxyJump scp moves bytes intact,
-    both from A to the device tunnelled at B."""
+    """`ssh -t … connect DEV` passes the exit status, and ProxyJump scp and sftp move bytes
+    intact, all from A to the device tunnelled at B."""
     tech = technician_factory(
         world.a.technician_port,
         host="127.0.1.1",
@@ -162,16 +162,23 @@ def test_exec_connect_and_proxyjump_scp_across_relays(
         status, out = transfer.finish()
         assert status == 0, out
     assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(payload).digest()
+    batch, got = tmp_path / "batch", tmp_path / "got.bin"
+    batch.write_text(f"get {remote} {got}\n")
+    sftp = Transfer(["/usr/bin/sftp", *scp[1:], "-b", str(batch), f"root@{host}"])
+    sftp.approve(world.db)
+    status, out = sftp.finish()
+    assert status == 0, out
+    assert got.read_bytes() == payload
     rows = wait_for(
         lambda: (
             [r for r in world.db.session_rows(world.device_id)[before:] if r.ended_at]
-            if len(world.db.session_rows(world.device_id)) - before >= 2
+            if len(world.db.session_rows(world.device_id)) - before >= 3
             else None
         ),
         10,
-        "two ended scp sessions",
+        "three ended scp/sftp sessions",
     )
-    assert [(r.path, r.relay_node) for r in rows] == [("peering", "relay-a")] * 2
+    assert [(r.path, r.relay_node) for r in rows] == [("peering", "relay-a")] * 3
 
 
 def _node_store(world: World, tmp_path: Path) -> KeyStore:
