@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from core import audit, totp
 from core.accounts import ROLES
-from core.models import Account, PortalSession, User, UserKey
+from core.models import Account, PortalSession, SshSession, User, UserKey
+from core.session_close import request_close
 from core.validate import InvalidInput
 
 
@@ -70,17 +71,33 @@ def _record(session: Session, action: str, user: User, actor: str, detail: str, 
 
 def set_disabled(
     session: Session, *, user: User, disabled: bool, actor: str, source_ip: str = ""
-) -> None:
-    """Disable (ending the user's portal sessions) or enable a user."""
+) -> list[str]:
+    """Disable or enable a user. Disabling ends the user's portal sessions and asks every
+    live SSH session acting as them to close; returns those sessions' ids (to wake)."""
     if user.disabled == disabled:
         raise InvalidInput(
             f"user {user.username} is already {'disabled' if disabled else 'enabled'}"
         )
+    closing: list[str] = []
     if disabled:
         _keep_an_admin(session, user, "disabling")
         end_portal_sessions(session, user.id)
+        live = select(SshSession.id).where(
+            SshSession.user_id == user.id, SshSession.ended_at.is_(None)
+        )
+        for session_id in session.scalars(live).all():
+            request_close(
+                session,
+                session_id=session_id,
+                account_id=None,
+                actor=actor,
+                source_ip=source_ip,
+                via="user disabled",
+            )
+            closing.append(session_id)
     user.disabled = disabled
     _record(session, "user.disable" if disabled else "user.enable", user, actor, "", source_ip)
+    return closing
 
 
 def set_role(session: Session, *, user: User, role: str, actor: str, source_ip: str = "") -> None:

@@ -130,13 +130,14 @@ def user_action(
     if action not in ACTIONS:
         return portal.message(request, "Not found", "No such user action.", status_code=404)
     ip, actor = client_ip(request), viewer.username
+    closing: list[str] = []
     try:
         with portal.sessions() as session, session.begin():
             user = users.account_user(session, account_id=_scope(viewer), username=username)
             if user.is_superadmin and not viewer.is_superadmin:
                 raise InvalidInput("only a superadmin may change a superadmin")
             if action in ("disable", "enable"):
-                users.set_disabled(
+                closing = users.set_disabled(
                     session, user=user, disabled=action == "disable", actor=actor, source_ip=ip
                 )
             elif action == "role":
@@ -150,4 +151,6 @@ def user_action(
             name = user.username
     except InvalidInput as exc:
         return _user_page(request, portal, viewer, username, error=str(exc), status=400)
+    for session_id in closing:  # after the commit, like the sessions page's terminate
+        portal.hub.notify(f"session:{session_id}")
     return RedirectResponse(f"/users/{name}?done={action}", status_code=303)

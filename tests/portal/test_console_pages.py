@@ -225,11 +225,21 @@ def test_last_admin_cannot_be_disabled_or_demoted(env: PortalEnv) -> None:
 
 
 def test_disabled_user_is_logged_out_and_cannot_log_in(env: PortalEnv) -> None:
-    """Disabling ends the user's live portal session and refuses the next login."""
-    admin, _ = _login(env, "alice", role="admin")
+    """Disabling ends the user's live portal session and their SSH sessions (saying why),
+    leaves others' sessions alone, and refuses the next login."""
+    admin, alice = _login(env, "alice", role="admin")
     tech, tom = _login(env, "tom")
+    _device(env, "dev0000001", _account(env, tom), status="accepted", hostname="nas-7")
+    _session(env, "sesstom002", tom, "dev0000001")
+    _session(env, "sessali002", alice, "dev0000001")
     assert tech.http.get("/sessions").status_code == 200
     assert admin.post("/users/tom/disable").status_code == 303
+    with env.sessions() as s:
+        rows = {r.id: r for r in s.scalars(select(SshSession))}
+    assert rows["sesstom002"].close_requested
+    assert rows["sesstom002"].closed_by == "alice (user disabled)"
+    assert not rows["sessali002"].close_requested
+    assert "session:sesstom002" in env.hub.topics
     assert tech.http.get("/sessions").status_code == 303  # back to the login page
     with env.sessions() as s:
         live = s.scalars(select(PortalSession).where(PortalSession.user_id == tom.id))
