@@ -27,7 +27,10 @@ from pathlib import Path
 import asyncssh
 
 from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
+from device_client.keepalive import keepalive_options
 from device_client.tunnel import STABLE_AFTER, Backoff
+
+KEEPALIVE = keepalive_options(30.0, 3)  # rly-client's defaults, mapped as rly-client maps them
 
 
 @dataclass
@@ -62,8 +65,8 @@ async def device(
                 password=None,
                 kbdint_auth=False,
                 preferred_auth=["publickey"],
-                keepalive_interval=30.0,
-                keepalive_count_max=3,
+                keepalive_interval=KEEPALIVE[0],
+                keepalive_count_max=KEEPALIVE[1],
                 connect_timeout=30,
                 kex_algs=KEX_ALGS,
                 encryption_algs=ENCRYPTION_ALGS,

@@ -25,6 +25,7 @@ from core.data_wire import CAPABILITY
 from core.ssh_algorithms import ENCRYPTION_ALGS, KEX_ALGS, MAC_ALGS
 from device_client.config import ClientConfig
 from device_client.endpoints import Endpoint, default_endpoints, parse_endpoint, remembered_first
+from device_client.keepalive import keepalive_options
 from device_client.proxy import (
     ProxyError,
     choose_proxy,
@@ -86,6 +87,7 @@ def describe(exc: BaseException) -> str:
 
 def _ssh_options(config: ClientConfig, key: asyncssh.SSHKey, transport: str) -> dict[str, object]:
     ca = asyncssh.import_public_key(config.relay_host_ca)
+    ka_interval, ka_count = keepalive_options(config.keepalive_interval, config.keepalive_count)
     return {
         "username": config.device_id,
         "client_keys": [key],
@@ -95,8 +97,9 @@ def _ssh_options(config: ClientConfig, key: asyncssh.SSHKey, transport: str) -> 
         "password": None,
         "kbdint_auth": False,
         "preferred_auth": ["publickey"],
-        "keepalive_interval": config.keepalive_interval,
-        "keepalive_count_max": config.keepalive_count,
+        # one probe per interval x count / 2, a dead relay within interval x count
+        "keepalive_interval": ka_interval,
+        "keepalive_count_max": ka_count,
         "connect_timeout": CONNECT_TIMEOUT,
         "login_timeout": CONNECT_TIMEOUT,
         "kex_algs": KEX_ALGS,

@@ -24,6 +24,7 @@ import asyncssh
 from core.data_wire import PREAMBLE_MAX, PREAMBLE_PREFIX, PREAMBLE_TIMEOUT
 from relay.context import RelayContext
 from relay.data_accept import accept_data_connection
+from relay.liveness import tcp_keepalive
 from relay.preauth import PreauthLimiter
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class DevicePort:
 
     def start_ssh(self, transport: asyncio.Transport, first: bytes) -> None:
         """Give the stream to asyncssh's device server, with the bytes read so far."""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a WebSocket-carried stream has none; its socket is the HTTP one
+            tcp_keepalive(sock, self.ctx.settings.relay)
         conn = asyncssh.SSHServerConnection(asyncio.get_running_loop(), self.ssh_options)
         transport.set_protocol(conn)
         conn.connection_made(transport)

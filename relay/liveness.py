@@ -13,6 +13,11 @@
   detection, as SPEC allows. A device that stays silent (OpenSSH without
   ServerAliveInterval) is probed every interval x count / 2, i.e. no more
   often than configured when count >= 2.
+- Kernel: `tcp_keepalive` sets TCP keepalives and TCP_USER_TIMEOUT on each
+  tunnel's socket, so a peer whose host or network is gone (no ACKs) is
+  dropped by the kernel within interval x count at no Python cost, and
+  writes to it stop retrying long before the kernel's default ~15 minutes.
+  A hung peer whose kernel still ACKs is the SSH probe's job, as above.
 - Watcher: each connection subscribes a callback to the hub topic `device:<id>`
   (no task while idle) and re-reads the device only when woken (revoke,
   allowlist change, repair/close).
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from datetime import datetime
 
@@ -53,6 +59,24 @@ def keepalive_options(s: RelaySettings) -> tuple[float, int]:
     if interval <= 0:
         return 0.0, 1
     return interval * count / 2, 1
+
+
+def tcp_keepalive(sock: socket.socket, s: RelaySettings) -> None:
+    """Kernel dead-peer detection on a tunnel socket: unACKed for interval x count, it goes.
+
+    Idle probes start after interval x count / 2 and repeat count times over
+    the other half; TCP_USER_TIMEOUT caps both those and unACKed data at
+    interval x count. Not for data connections: a slow reader there is not dead.
+    """
+    if s.keepalive_interval <= 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    count = max(1, s.keepalive_count)
+    total = s.keepalive_interval * count
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(total / 2)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(total / 2 / count)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(total * 1000)))
 
 
 def sweep_interval(s: RelaySettings) -> float:
