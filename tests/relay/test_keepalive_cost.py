@@ -6,6 +6,8 @@ import asyncio
 import socket
 from pathlib import Path
 
+from device_client.config import ClientConfig
+from device_client.dialer import _ssh_options
 from device_client.keepalive import keepalive_options
 from tests.relay.device_port_support import (
     Db,
@@ -26,6 +28,25 @@ def test_rly_client_keepalive_probes_once_per_half_window_and_detects_in_time() 
     assert 30.0 * 3 / 2 * 0.8 < interval < 30.0 * 3 / 2  # before the relay's own probe
     assert interval * (count_max + 1) <= 30.0 * 3  # asyncssh drops after interval x (max + 1)
     assert keepalive_options(0.0, 3) == (0.0, 1)
+
+
+def test_rly_client_dials_with_the_mapped_keepalive(tmp_path: Path) -> None:
+    """rly-client's SSH options carry the mapped pair, not the configured one as is."""
+    key = new_key()
+    config = ClientConfig(
+        tracker_url="https://tracker.invalid",
+        device_id="dev1",
+        key_file=tmp_path / "key",
+        relay_hosts=("127.0.0.1",),
+        relay_ports=(2222,),
+        relay_host_ca=key.export_public_key().decode(),
+        user_ca="",
+        state_file=tmp_path / "state",
+        keepalive_interval=20.0,
+        keepalive_count=4,
+    )
+    options = _ssh_options(config, key, "ssh")
+    assert (options["keepalive_interval"], options["keepalive_count_max"]) == (36.0, 1)
 
 
 def test_device_finds_a_frozen_relay_within_interval_x_count(tmp_path: Path) -> None:
