@@ -90,9 +90,7 @@ async def start_relay(ctx: RelayContext) -> Relay:
     try:
         for port in s.device_ports:
             limiter = device_limiter(ctx)
-            server = await listen_device_port(
-                ctx, port, limiter, make_device_server(ctx, limiter)
-            )
+            server = await listen_device_port(ctx, port, limiter, make_device_server(ctx, limiter))
             acceptors.append(server)
             ctx.device_ports.append(_bound_port(server))
         tech_server, tech_extra = make_technician_server(ctx)
