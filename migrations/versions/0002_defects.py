@@ -1,4 +1,7 @@
-"""defects: schema for issue 9 (defects)
+"""defects: no schema change (issue 9's fixes needed none)
+
+Reserved for issue 9 while its work was under way; kept as a no-op so that the
+revisions after it keep their numbers.
 
 Revision ID: 0002
 Revises: 0001
