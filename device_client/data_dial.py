@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.data_wire import OK_LINE, PREAMBLE_PREFIX, PREAMBLE_TIMEOUT, REQUEST_VERSION
+from device_client.proxy import open_socket
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +68,6 @@ def parse_request(data: Any) -> DialRequest | None:
     return DialRequest(ticket, session, relay, tuple(endpoints))
 
 
-async def _connect(host: str, port: int) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    error: OSError = OSError(f"{host} did not resolve")
-    for family, kind, proto, _name, address in infos:
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, address)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise error
-
-
 async def _handshake(sock: socket.socket, ticket: str) -> None:
     """Send the preamble and read exactly the relay's OK (no byte of SSH beyond it)."""
     loop = asyncio.get_running_loop()
@@ -102,7 +85,7 @@ async def _handshake(sock: socket.socket, ticket: str) -> None:
 async def dial_data(
     request: DialRequest,
     also: tuple[tuple[str, int], ...] = (),
-    connect: Callable[[str, int], Awaitable[socket.socket]] = _connect,
+    connect: Callable[[str, int], Awaitable[socket.socket]] = open_socket,
     *,
     also_first: bool = False,
 ) -> socket.socket:
