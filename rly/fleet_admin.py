@@ -1,26 +1,22 @@
 """`rly relay list|drain|resume` and `rly device mode`: the fleet's admin commands (issue 11).
 
 Kept apart from rly.admin (which registers these parsers and looks handlers
-up here) so the fleet commands do not crowd it. A drain is a row change plus
-an event: the node hears `node:<name>` at once (core.events) or at its next
-heartbeat, and does the work itself (relay.drain).
+up here) so the fleet commands do not crowd it. Listing, drain and resume are
+core.node_ops, shared with the portal's Relays page: a drain is a row change
+plus an event; the node hears `node:<name>` at once (core.events) or at its
+next heartbeat, and does the work itself (relay.drain).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import audit, device_ops, devices
+from core import device_ops, devices, node_ops
 from core.config import Settings, parse_duration
-from core.events import publish
-from core.fleet import node_state
-from core.models import RelayNode, SshSession, Tunnel, utcnow
 from core.validate import InvalidInput, strip_controls
 
 ACTOR = "cli"
@@ -35,7 +31,11 @@ def add_parsers(sub: Any, device_group: Any, common: Common) -> None:
     common(group.add_parser("list", help="nodes, heartbeat age, state, tunnels, sessions"))
     p = group.add_parser("drain", help="move a node's devices away and let its sessions end")
     p.add_argument("node")
-    p.add_argument("--deadline", default="10m", help="then end live sessions (default 10m)")
+    p.add_argument(
+        "--deadline",
+        default=node_ops.DEFAULT_DEADLINE,
+        help=f"then end live sessions (default {node_ops.DEFAULT_DEADLINE})",
+    )
     common(p)
     p = group.add_parser("resume", help="take tunnels again after a drain")
     p.add_argument("node")
@@ -47,38 +47,19 @@ def add_parsers(sub: Any, device_group: Any, common: Common) -> None:
 
 
 def _relay_list(session: Session, _a: argparse.Namespace, _s: Settings) -> None:
-    now = utcnow()
-    tunnels = _open_counts(session, Tunnel.relay_node, Tunnel.closed_at)
-    live = _open_counts(session, SshSession.relay_node, SshSession.ended_at)
     print(
         f"{'NODE':<20} {'STATE':<9} {'HEARTBEAT':<10} {'TUNNELS':>7} {'SESSIONS':>8}  "
         f"{'DEVICE ADDRESS':<28} {'TECHNICIAN':<22} STARTED"
     )
-    for node in session.scalars(select(RelayNode).order_by(RelayNode.name)):
-        state = node_state(node, now, tunnels.get(node.name, 0), live.get(node.name, 0))
-        age = f"{(now - node.last_seen_at).total_seconds():.0f}s ago"
-        host = strip_controls(node.public_host)
+    for row in node_ops.node_rows(session):
+        node, host = row.node, strip_controls(row.node.public_host)
         print(
-            f"{strip_controls(node.name)[:20]:<20} {state:<9} {age:<10} "
-            f"{tunnels.get(node.name, 0):>7} {live.get(node.name, 0):>8}  "
+            f"{strip_controls(node.name)[:20]:<20} {row.state:<9} "
+            f"{f'{row.heartbeat_age:.0f}s ago':<10} {row.tunnels:>7} {row.sessions:>8}  "
             f"{(host + ':' + node.device_ports)[:28]:<28} "
             f"{(host + ':' + str(node.technician_port))[:22]:<22} "
             f"{node.started_at:%Y-%m-%d %H:%M:%S}"
         )
-
-
-def _open_counts(session: Session, node_col: Any, end_col: Any) -> dict[str, int]:
-    rows = session.execute(
-        select(node_col, func.count()).where(end_col.is_(None)).group_by(node_col)
-    )
-    return {str(name): int(count) for name, count in rows}
-
-
-def _node(session: Session, name: str) -> RelayNode:
-    node = session.get(RelayNode, name)
-    if node is None:
-        raise InvalidInput(f"relay node {name!r} is not registered (see rly relay list)")
-    return node
 
 
 def _relay_drain(session: Session, args: argparse.Namespace, _s: Settings) -> None:
@@ -86,32 +67,14 @@ def _relay_drain(session: Session, args: argparse.Namespace, _s: Settings) -> No
         deadline = parse_duration(args.deadline)
     except ValueError as exc:
         raise InvalidInput(f"--deadline: {exc}") from None
-    node = _node(session, args.node)
-    if node.gone_at is not None:
-        raise InvalidInput(f"relay node {node.name} is gone: nothing to drain")
-    if node.state == "draining":
-        raise InvalidInput(f"relay node {node.name} is already draining")
-    node.state = "draining"
-    node.drain_deadline = utcnow() + timedelta(seconds=deadline)
-    audit.record(
-        session,
-        action="relay.drain",
-        actor=ACTOR,
-        target=node.name,
-        detail=f"deadline={args.deadline}",
-    )
-    publish(session, f"node:{node.name}")
+    node = node_ops.drain_node(session, name=args.node, deadline=deadline, actor=ACTOR)
+    assert node.drain_deadline is not None
     print(f"relay {node.name} draining: no new tunnels, devices move, sessions end by "
           f"{node.drain_deadline:%H:%M:%S} UTC; watch it with: rly relay list")  # fmt: skip
 
 
 def _relay_resume(session: Session, args: argparse.Namespace, _s: Settings) -> None:
-    node = _node(session, args.node)
-    if node.state != "draining":
-        raise InvalidInput(f"relay node {node.name} is not draining")
-    node.state, node.drain_deadline = "live", None
-    audit.record(session, action="relay.resume", actor=ACTOR, target=node.name)
-    publish(session, f"node:{node.name}")
+    node = node_ops.resume_node(session, name=args.node, actor=ACTOR)
     print(f"relay {node.name} takes tunnels again")
 
 
