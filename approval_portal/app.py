@@ -56,7 +56,7 @@ def create_app(
     app.include_router(audit_pages.router)
     app.include_router(recordings.router)
     app.include_router(approvals_cache.router)
-    for router in pages.routers():  # dashboard, devices, sessions, tokens, users
+    for router in pages.routers():  # dashboard, devices, sessions, tokens, users, relays
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_error_pages(app, portal)

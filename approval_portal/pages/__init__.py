@@ -1,4 +1,4 @@
-"""The operations pages: dashboard, devices, live sessions, enrollment tokens, users.
+"""The operations pages: dashboard, devices, live sessions, enrollment tokens, users, relays.
 
 One router per page family; approval_portal.app includes `routers()`.
 """
@@ -9,6 +9,13 @@ from fastapi import APIRouter
 
 
 def routers() -> list[APIRouter]:
-    from approval_portal.pages import dashboard, devices, sessions, tokens, users
+    from approval_portal.pages import dashboard, devices, relays, sessions, tokens, users
 
-    return [dashboard.router, devices.router, sessions.router, tokens.router, users.router]
+    return [
+        dashboard.router,
+        devices.router,
+        sessions.router,
+        tokens.router,
+        users.router,
+        relays.router,
+    ]

@@ -42,9 +42,11 @@ def scope(viewer: Viewer, column: Any) -> list[ColumnElement[bool]]:
     return [] if viewer.is_superadmin else [column == viewer.account_id]
 
 
-def _has_tunnel() -> ColumnElement[bool]:
+def _has_tunnel(relay: str = "") -> ColumnElement[bool]:
+    """An open tunnel (held by node `relay`, when given)."""
+    on_node = [Tunnel.relay_node == relay] if relay else []
     return exists(
-        select(Tunnel.id).where(Tunnel.device_id == Device.id, Tunnel.closed_at.is_(None))
+        select(Tunnel.id).where(Tunnel.device_id == Device.id, Tunnel.closed_at.is_(None), *on_node)
     )
 
 
@@ -94,10 +96,15 @@ def open_tunnels(session: Session, ids: list[str]) -> dict[str, Tunnel]:
 
 
 def device_page(
-    session: Session, viewer: Viewer, *, search: str, state: str, page: int
+    session: Session, viewer: Viewer, *, search: str, state: str, page: int, relay: str = ""
 ) -> tuple[list[DeviceRow], int]:
-    """One page of matching devices (pending first, then by hostname) and the match count."""
+    """One page of matching devices (pending first, then by hostname) and the match count.
+
+    `relay` keeps the devices whose open tunnel that node holds (the Relays page links it).
+    """
     where = [*scope(viewer, Device.account_id), *_search(search), *_state_filter(state)]
+    if relay:
+        where.append(_has_tunnel(relay[:64]))
     total = session.scalar(select(func.count()).select_from(Device).where(*where))
     rows = session.execute(
         select(Device, Account.name)

@@ -42,14 +42,15 @@ def device_list(
     q_: Annotated[str, Query(alias="q", max_length=128)] = "",
     state: Annotated[str, Query(max_length=16)] = "",
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+    relay: Annotated[str, Query(max_length=64)] = "",
 ) -> Response:
     state = state if state in q.STATES else ""
     with portal.sessions() as session:
-        rows, total = q.device_page(session, viewer, search=q_, state=state, page=page)
+        rows, total = q.device_page(session, viewer, search=q_, state=state, page=page, relay=relay)
     pages = max(1, -(-total // q.PAGE_SIZE))
 
     def link(n: int) -> str:
-        params = {k: v for k, v in (("q", q_), ("state", state)) if v}
+        params = {k: v for k, v in (("q", q_), ("state", state), ("relay", relay)) if v}
         return "/devices?" + urlencode({**params, "page": n})
 
     context = {
@@ -57,6 +58,7 @@ def device_list(
         "total": total,
         "search": q_,
         "state": state,
+        "relay": relay,
         "states": q.STATE_LABELS,
         "page": page,
         "pages": pages,
