@@ -18,11 +18,13 @@ from typing import TypeVar
 T = TypeVar("T")
 POLL_INTERVAL = 0.25
 Callback = Callable[[], None]
+MessageHandler = Callable[[str], None]
 
 
 class Hub:
     def __init__(self) -> None:
         self._subscribers: dict[str, set[Callback]] = defaultdict(set)
+        self._handlers: dict[str, MessageHandler] = {}  # kind -> handler of whole topics
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
@@ -46,12 +48,21 @@ class Hub:
         """Call every subscriber of topic on the loop; safe to call from any thread."""
         with self._lock:
             callbacks = list(self._subscribers.get(topic, ()))
+            handler = self._handlers.get(topic.partition(":")[0])
+        if handler is not None:
+            callbacks.append(lambda: handler(topic))
         loop = self._loop
         for callback in callbacks:
             if loop is None:
                 callback()
             else:
                 loop.call_soon_threadsafe(callback)
+
+    def handle(self, kind: str, handler: MessageHandler) -> None:
+        """Give every topic `kind:...` to handler (on the loop): topics that carry a message,
+        such as a dial-back request, rather than name something to re-read."""
+        with self._lock:
+            self._handlers[kind] = handler
 
     def subscribe(self, topic: str, callback: Callback) -> Callback:
         """Register callback for topic; return the function that unregisters it."""

@@ -238,7 +238,8 @@ class SshSession(Base):
     close_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     closed_by: Mapped[str | None] = mapped_column(String(128), default=None)  # 0006: who asked
     recording_path: Mapped[str | None] = mapped_column(String(512), default=None)
-    path: Mapped[str] = mapped_column(String(8), default="tunnel")  # 0003: "data" or "tunnel"
+    # 0003: "data" or "tunnel"; peering; 0008: "dial-back" (widened to 16)
+    path: Mapped[str] = mapped_column(String(16), default="tunnel")
 
 
 class DataConnection(Base):

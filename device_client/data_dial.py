@@ -40,6 +40,7 @@ class DialRequest:
     session: str
     relay: str
     endpoints: tuple[tuple[str, int], ...]
+    endpoints_only: bool = False  # dial-back to another relay: the tunnel's own endpoint won't do
 
 
 def parse_request(data: Any) -> DialRequest | None:
@@ -65,7 +66,10 @@ def parse_request(data: Any) -> DialRequest | None:
         if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
             return None
         endpoints.append((host, port))
-    return DialRequest(ticket, session, relay, tuple(endpoints))
+    only = data.get("endpoints_only", False)
+    if not isinstance(only, bool):
+        return None
+    return DialRequest(ticket, session, relay, tuple(endpoints), only)
 
 
 async def _handshake(sock: socket.socket, ticket: str) -> None:
@@ -96,6 +100,7 @@ async def dial_data(
     came in over a WebSocket: its data connections take the same way out).
     """
     error: OSError = DialError("no endpoint")
+    also = () if request.endpoints_only else also
     order = (*also, *request.endpoints) if also_first else (*request.endpoints, *also)
     for host, port in dict.fromkeys(order):
         try:

@@ -15,6 +15,7 @@ from relay.data_port import listen_device_port
 from relay.device_server import device_limiter, make_device_server
 from relay.drain import run_drain_watch
 from relay.node import close_stale_rows, register_node, run_node_heartbeat
+from relay.peering.dial_back import serve_dial_backs
 from relay.peering.route import start_peering
 from relay.recording_retention import run_retention
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
@@ -100,6 +101,7 @@ async def start_relay(ctx: RelayContext) -> Relay:
         peering = await start_peering(ctx)
         if peering is not None:
             acceptors.append(peering)
+            serve_dial_backs(ctx)  # a shared database: answer other nodes' dial-back requests
     except OSError:
         for listener in acceptors:
             listener.close()

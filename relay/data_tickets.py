@@ -43,16 +43,28 @@ def well_formed(ticket: str) -> bool:
 
 
 def dial_request(
-    *, ticket: str, session_id: str, node: str, endpoints: list[tuple[str, int]]
+    *,
+    ticket: str,
+    session_id: str,
+    node: str,
+    endpoints: list[tuple[str, int]],
+    endpoints_only: bool = False,
 ) -> dict[str, Any]:
-    """The object a device is asked to dial with: the same over the tunnel and in a check-in."""
-    return {
+    """The object a device is asked to dial with: the same over the tunnel and in a check-in.
+
+    `endpoints_only` (a dial-back to another node) tells the device not to try the
+    endpoint its tunnel uses: that node would refuse a ticket bound to this one.
+    """
+    request: dict[str, Any] = {
         "v": REQUEST_VERSION,
         "ticket": ticket,
         "session": session_id,
         "relay": node,
         "endpoints": [{"host": host, "port": port} for host, port in endpoints],
     }
+    if endpoints_only:
+        request["endpoints_only"] = True
+    return request
 
 
 def store_ticket(
@@ -141,6 +153,7 @@ class DataWaiters:
         return waiter
 
     def forget(self, session_id: str) -> None:
+        """Stop waiting (a connection that already arrived was claimed and stays)."""
         waiter = self._waiting.pop(session_id, None)
         if waiter is not None and not waiter.arrived.done():
             waiter.arrived.cancel()

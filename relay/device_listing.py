@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.data_wire import data_capable
 from core.models import DataConnection, SshSession, Tunnel
 from core.validate import strip_controls
 from relay import device_lookup
@@ -22,6 +23,7 @@ from relay.context import RelayContext
 from relay.device_actions import ago, when
 from relay.device_lookup import PAGE_SIZE, DeviceInfo
 from relay.live_sessions import LiveCounts
+from relay.peering.dial_back import dial_back_possible
 from relay.peering.route import way_line
 
 LIST_COLUMNS = ("ID", "HOSTNAME", "SERIAL", "STATE", "LAST CHECK-IN", "OS / CLIENT")
@@ -69,11 +71,16 @@ def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
 
 async def show_lines(ctx: RelayContext, device: DeviceInfo) -> list[str]:
     live = ctx.live.snapshot(asyncio.get_running_loop().time())
-    return await ctx.db(lambda s: _show(s, device, ctx.node_name, live))
+    dial_back = dial_back_possible(ctx, device.id)
+    return await ctx.db(lambda s: _show(s, device, ctx.node_name, live, dial_back))
 
 
 def _show(
-    session: Session, device: DeviceInfo, node: str, live: Mapping[str, LiveCounts]
+    session: Session,
+    device: DeviceInfo,
+    node: str,
+    live: Mapping[str, LiveCounts],
+    dial_back: bool = False,
 ) -> list[str]:
     lines = [f"Device {device.id} ({device.hostname}, serial {device.serial}): {device.state}"]
     tunnel = session.scalar(
@@ -93,7 +100,8 @@ def _show(
             f"from {tunnel.peer_ip}:{tunnel.peer_port}"
         )
         if tunnel.relay_node != node:
-            lines.append(way_line(session, tunnel.relay_node, node))
+            can_dial = dial_back and data_capable(tunnel.client_version)
+            lines.append(way_line(session, tunnel.relay_node, node, dial_back=can_dial))
     rows = session.scalars(
         select(SshSession)
         .where(SshSession.device_id == device.id, SshSession.ended_at.is_(None))
@@ -118,7 +126,7 @@ def _show(
 
 def _path(session: Session, row: SshSession) -> str:
     """How the session reaches the device: its data connection's peer, or the tunnel."""
-    if row.path != "data":
+    if row.path not in ("data", "dial-back"):
         return f", path {row.path}"
     data = session.scalar(
         select(DataConnection).where(
@@ -126,7 +134,7 @@ def _path(session: Session, row: SshSession) -> str:
         )
     )
     peer = f"{data.peer_ip}:{data.peer_port}" if data is not None else "-"
-    return f", path data, data connection from {peer}"
+    return f", path {row.path}, data connection from {peer}"
 
 
 def _seconds(value: float) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import audit, metrics
-from core.data_wire import CAPABILITY
+from core.data_wire import data_capable
 from core.models import utcnow
 from core.validate import strip_controls
 from relay.context import RelayContext
@@ -384,12 +384,6 @@ class DeviceServer(asyncssh.SSHServer):
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._ctx.tunnels.spawn(coro, name)
-
-
-def data_capable(client_version: str) -> bool:
-    """rly-client announces data connections in its version string; OpenSSH never gets one."""
-    words = client_version.split()
-    return CAPABILITY in words[1:] and not words[0].startswith("SSH-2.0-OpenSSH")
 
 
 async def _keep_listener_options() -> None:

@@ -25,6 +25,7 @@ from relay.context import RelayContext
 from relay.data_accept import DataStream
 from relay.data_request import request_data_connection
 from relay.device_lookup import DeviceInfo
+from relay.peering.dial_back import request_dial_back
 from relay.peering.pool import PeerCarrier
 from relay.peering.route import peer_route
 from relay.recording import Recording, RecordingOptions
@@ -101,7 +102,9 @@ class DeviceSession(Generic[Process]):
         stream = None
         if tunnel is not None:
             stream = await request_data_connection(self.ctx, tunnel, self.device.id, session_id)
-        way = "peering" if peer is not None else "data" if stream is not None else "tunnel"
+        elif peer is not None:  # dial-back first: the device dials this node, nobody relays
+            stream = await request_dial_back(self.ctx, peer.node, self.device.id, session_id)
+        way = _way(peer is not None, stream is not None)
         session_id = await session_rows.start(
             self.ctx,
             self.identity,
@@ -117,7 +120,8 @@ class DeviceSession(Generic[Process]):
             conn = await self._connect(carrier, session_id, stream)
             if conn is None:
                 return outcome
-            async with conn, _ends_with(tunnel, self.data_stream):
+            ends = _ends_with(tunnel, self.data_stream) if tunnel else self._ends_if_revoked()
+            async with conn, ends:
                 recording = self._start_recording(session_id)
                 outcome = await self._bridge(conn, session_id, remote_command, recording)
         finally:
@@ -162,7 +166,8 @@ class DeviceSession(Generic[Process]):
                 log.warning("data path failed session=%s error=%s; using the tunnel",
                             session_id, _one_line(exc))  # fmt: skip
                 stream.close()
-                await session_rows.set_path(self.ctx, session_id, "tunnel")
+                way = _way(isinstance(tunnel, PeerCarrier), False)
+                await session_rows.set_path(self.ctx, session_id, way)
                 return await self._connect(tunnel, session_id)
             self.say(GIVING_UP)
             self.say(f"The device's SSH target did not answer: {_one_line(exc)}")
@@ -249,6 +254,36 @@ class DeviceSession(Generic[Process]):
                 if closed is not None:
                     return closed
                 written = now
+
+    @contextlib.asynccontextmanager
+    async def _ends_if_revoked(self) -> AsyncIterator[None]:
+        """A dial-back data connection ends when its device is revoked or disabled, as a local
+        one does with its tunnel (the device itself ends it with its tunnel on the other node)."""
+        stream = self.data_stream
+        if stream is None:
+            yield
+            return
+
+        async def watch() -> None:
+            device_id = self.device.id
+            with self.ctx.hub.watch(f"device:{device_id}") as woken:
+                while not await self.ctx.db(lambda s: session_rows.device_revoked(s, device_id)):
+                    await woken.wait(WATCH_INTERVAL)
+            log.info("dial-back session device=%s ends: the device was revoked", device_id)
+            stream.close()
+
+        task = asyncio.ensure_future(watch())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+def _way(peer: bool, data: bool) -> str:
+    """The session row's path: data, tunnel (this node), dial-back, peering (another node)."""
+    if peer:
+        return "dial-back" if data else "peering"
+    return "data" if data else "tunnel"
 
 
 @contextlib.asynccontextmanager

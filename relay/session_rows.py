@@ -30,6 +30,12 @@ def request_tunnel(session: Session, device_id: str, request: str) -> None:
         core_request_tunnel(session, device, request)
 
 
+def device_revoked(session: Session, device_id: str) -> bool:
+    """The device is no longer accepted (revoked, disabled, deleted): its sessions must end."""
+    device = session.get(Device, device_id)
+    return device is None or device.status != "accepted"
+
+
 def pin_host_key(session: Session, device_id: str, key_line: str) -> None:
     """Trust on first use: only when no key is pinned yet (enrollment may have sent one)."""
     session.execute(

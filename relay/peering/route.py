@@ -83,8 +83,12 @@ async def start_peering(ctx: RelayContext) -> asyncssh.SSHAcceptor | None:
     return acceptor
 
 
-def way_line(session: Session, holder: str, me: str) -> str:
+def way_line(session: Session, holder: str, me: str, *, dial_back: bool = False) -> str:
     """`show`'s line saying how this relay reaches a device tunnelled at another node."""
-    if peer_address_of(session, holder):
+    peering = bool(peer_address_of(session, holder))
+    if dial_back:
+        fallback = f"peering {holder} if it cannot" if peering else "no peering fallback"
+        return f"Reached from relay {me}: by dial-back (asked through relay {holder}; {fallback})"
+    if peering:
         return f"Reached from relay {me}: via peering {holder}"
     return f"Reached from relay {me}: not reachable (relay {holder} has no peering address)"

@@ -129,18 +129,22 @@ class Fleet:
         assert match, out
         return match.group(1)
 
-    def enroll_device(self, hostname: str) -> DeviceUnderTest:
-        """`rly-client enroll` (builtin target) and `rly-client run`."""
+    def enroll_device(
+        self, hostname: str, *, sshd_port: int | None = None, start: bool = True
+    ) -> DeviceUnderTest:
+        """`rly-client enroll` (builtin target, or the sshd on `sshd_port`) and `rly-client run`."""
         config = self.workdir / hostname / "client.toml"
         args = [*CLIENT, "enroll", "--tracker", self.hub.base_url, "--token", self.token()]
-        args += ["--config", str(config), "--hostname", hostname, "--target", "builtin"]
+        args += ["--config", str(config), "--hostname", hostname]
+        args += ["--target", "builtin"] if sshd_port is None else ["--target-port", str(sshd_port)]
         proc = self.processes(args, name=f"enroll-{hostname}")
         assert proc.wait(30) == 0, proc.output
         match = re.search(r"enrolled: device (\S+),", proc.stdout)
         assert match, proc.stdout
         device = DeviceUnderTest(match.group(1), config, None, self.processes, backoff_cap=1.0)
         self.devices.append(device)
-        device.start()
+        if start:
+            device.start()
         return device
 
     def portal_user(self, username: str) -> PortalUser:

@@ -346,67 +346,6 @@ def test_the_client_refuses_a_peer_whose_certificate_names_another_node(
     asyncio.run(run())
 
 
-def test_an_rly_client_that_may_reach_only_b_is_reached_from_a(
-    world: World, technician_factory: TechnicianFactory
-) -> None:
-    """A real rly-client (builtin target) whose only endpoint is relay-b: `-t connect` on A
-    runs over peering and passes the exit status."""
-    device = world.fleet.enroll_device("peer-rc")
-    assert device.process is not None
-    device.process.stop()
-    wait_for(lambda: world.fleet.open_tunnel(device.id) is None, 15, "the first tunnel closed")
-    device.edit_config(relay_endpoints=[f"ssh://127.0.1.2:{world.b.device_port}"])
-    device.start()
-    assert world.fleet.wait_online(device.id).relay_node == "relay-b"
-    tech = technician_factory(
-        world.a.technician_port,
-        host="127.0.1.1",
-        args=["-t"],
-        command=["connect", device.id, "echo rc-$((8*8)); exit 3"],
-        timeout=20,
-    )
-    world.db.decide(approval_token(tech), "alice")
-    tech.expect("rc-64")
-    assert tech.expect_eof() == 3
-    rows = wait_for(
-        lambda: [r for r in world.db.session_rows(device.id) if r.ended_at] or None, 10, "end"
-    )
-    assert [(r.path, r.relay_node) for r in rows] == [("peering", "relay-a")]
-    device.process.stop()
-
-
-def test_an_on_demand_device_whose_tunnel_comes_up_on_b_is_reached_from_a(
-    world: World, technician_factory: TechnicianFactory
-) -> None:
-    """`connect` on A to an on-demand device that may reach only B: A asks for the tunnel,
-    it comes up on B, and the session runs over peering (no 'did not bring up its tunnel')."""
-    device = world.fleet.enroll_device("peer-lazy")
-    assert device.process is not None
-    device.process.stop()
-    world.fleet.cli("device", "mode", device.id, "on-demand")
-    wait_for(lambda: world.fleet.open_tunnel(device.id) is None, 15, "the first tunnel closed")
-    device.edit_config(
-        relay_endpoints=[f"ssh://127.0.1.2:{world.b.device_port}"], tunnel_mode="on-demand"
-    )
-    process = device.start()
-    time.sleep(1.0)
-    assert world.fleet.open_tunnel(device.id) is None  # on demand: no tunnel yet
-    tech = world.menu(technician_factory)
-    tech.sendline(f"connect {device.id}")
-    tech.expect("Waiting for connection")
-    tech.sendline("echo lazy-$((5*9))")
-    tech.expect("lazy-45", timeout=20)
-    tech.sendline("exit")
-    tech.expect(PROMPT)
-    tunnel = world.fleet.open_tunnel(device.id)
-    assert tunnel is not None and tunnel.relay_node == "relay-b"
-    rows = wait_for(
-        lambda: [r for r in world.db.session_rows(device.id) if r.ended_at] or None, 10, "end"
-    )
-    assert [(r.path, r.relay_node) for r in rows] == [("peering", "relay-a")]
-    process.stop()
-
-
 def test_kill_9_of_the_peer_ends_the_session_on_a_with_a_message(
     world: World, technician_factory: TechnicianFactory
 ) -> None:

@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import itertools
 import os
+import re
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -92,12 +93,23 @@ class WebFirewall:
         return fw
 
     def proxy(
-        self, *, user: str = "", password: str = "", connect_ports: Sequence[int] = ()
+        self,
+        *,
+        user: str = "",
+        password: str = "",
+        connect_ports: Sequence[int] = (),
+        allow_hosts: Sequence[str] = (),
     ) -> Proxy:
-        """Start a tinyproxy of our own on the host end (BasicAuth when user is given)."""
+        """Start a tinyproxy of our own on the host end (BasicAuth when user is given;
+        with `allow_hosts`, every other destination host is refused: 403 Filtered)."""
         port = free_port(self.host_ip)
         tag = f"tinyproxy-{port}"
         log_path = self.workdir / f"{tag}.log"
+        filtered: list[str] = []
+        if allow_hosts:
+            allowed = self.workdir / f"{tag}.allow"
+            allowed.write_text("".join(f"^{re.escape(h)}$\n" for h in allow_hosts))
+            filtered = [f'Filter "{allowed}"', "FilterDefaultDeny Yes", "FilterURLs Off"]
         lines = [
             f"Port {port}",
             f"Listen {self.host_ip}",
@@ -108,6 +120,7 @@ class WebFirewall:
             f"Allow {self.ns_ip}",
             "DisableViaHeader Yes",
             *(f"ConnectPort {p}" for p in connect_ports),  # none: every port may be CONNECTed
+            *filtered,
         ]
         if user:
             lines.append(f"BasicAuth {user} {password}")
