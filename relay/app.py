@@ -17,7 +17,7 @@ from relay.drain import run_drain_watch
 from relay.node import close_stale_rows, register_node, run_node_heartbeat
 from relay.peering.dial_back import serve_dial_backs
 from relay.peering.route import start_peering
-from relay.recording_retention import run_retention
+from relay.session.recording_retention import run_retention
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
 from relay.technician_server import make_technician_server
 

@@ -13,8 +13,8 @@ from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
 from relay.data_tickets import DataWaiters
-from relay.live_sessions import LiveSessions
 from relay.peering.pool import PeerPool
+from relay.session.live_sessions import LiveSessions
 from relay.tunnels import TunnelRegistry
 
 T = TypeVar("T")

@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 from core import audit, session_close
 from core.models import utcnow
-from relay import session_rows
 from relay.approval_gate import Identity
 from relay.context import RelayContext
 from relay.device_lookup import DeviceInfo, LookupFailure
 from relay.node import tunnel_node_since
+from relay.session import rows
 
 
 def when(value: datetime | None) -> str:
@@ -67,7 +67,7 @@ async def close_tunnel(ctx: RelayContext, who: Identity, device: DeviceInfo, ip:
         local.close(f"closed by {who.username}")
         outcome = f"Closed the tunnel of device {device.id}."
     elif device.online:
-        await ctx.db(lambda s: session_rows.request_tunnel(s, device.id, "close"))
+        await ctx.db(lambda s: rows.request_tunnel(s, device.id, "close"))
         ctx.hub.notify(f"device:{device.id}")
         outcome = f"Asked device {device.id} to close its tunnel (held by another relay)."
     else:
@@ -88,7 +88,7 @@ async def repair(
         say("Step 1: no tunnel on this relay to drop.")
     say("Step 2: asking the device, through the tracker, to reconnect.")
     asked = utcnow()
-    await ctx.db(lambda s: session_rows.request_tunnel(s, device.id, "reconnect"))
+    await ctx.db(lambda s: rows.request_tunnel(s, device.id, "reconnect"))
     ctx.hub.notify(f"device:{device.id}")
     timeout = ctx.settings.relay.connect_timeout
     say(f"Step 3: waiting up to {timeout:g} s for a new tunnel...")

@@ -22,9 +22,9 @@ from relay.approval_gate import Identity
 from relay.context import RelayContext
 from relay.device_actions import ago, when
 from relay.device_lookup import PAGE_SIZE, DeviceInfo
-from relay.live_sessions import LiveCounts
 from relay.peering.dial_back import dial_back_possible
 from relay.peering.route import way_line
+from relay.session.live_sessions import LiveCounts
 
 LIST_COLUMNS = ("ID", "HOSTNAME", "SERIAL", "STATE", "LAST CHECK-IN", "OS / CLIENT")
 

@@ -1,6 +1,6 @@
 """The byte pump of a jump session: raw bytes both ways, no text decoding in the path.
 
-Why not relay.bridge.Pump: that one serves the menu's UTF-8 text channel, and
+Why not relay.session.bridge.Pump: that one serves the menu's UTF-8 text channel, and
 an incremental UTF-8 decoder holds back a chunk's trailing bytes when they look
 like the start of a multi-byte character. For sftp/scp packets those bytes
 are the end of a message the other side is waiting for, so the transfer
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import asyncssh
 
-from relay.bridge import CHUNK, Traffic
+from relay.session.bridge import CHUNK, Traffic
 
 
 class BytesPump:

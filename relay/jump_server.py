@@ -12,7 +12,7 @@ Authentication is "none" for the device's login user, and only here: this
 transport exists only inside a channel of a connection already approved by a
 portal user, bound to one device of that user's account. Each session,
 exec or subsystem request then opens the device through its tunnel with a
-certificate, exactly as the menu's `connect` does (relay.device_session:
+certificate, exactly as the menu's `connect` does (relay.session.device_session:
 session row, audit, host-key pin, byte counts, recording for terminal use).
 The server presents the relay host key with a fresh host certificate naming
 the device, so `@cert-authority` known_hosts for the relay's host CA verify
@@ -31,9 +31,9 @@ from core.validate import strip_controls
 from relay.approval_gate import Identity
 from relay.context import RelayContext
 from relay.device_lookup import DeviceInfo
-from relay.device_session import DeviceSession, Outcome
 from relay.jump_pump import BytesPump
-from relay.recording import Recording
+from relay.session.device_session import DeviceSession, Outcome
+from relay.session.recording import Recording
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
 
 log = logging.getLogger(__name__)

@@ -33,12 +33,12 @@ import asyncssh
 from core.text import printable
 from relay import commands, device_actions, device_lookup
 from relay.approval_gate import ApprovalGate, Decision, Identity, format_left
-from relay.bridge import raw_channel
 from relay.commands import Command, ParseError
 from relay.context import RelayContext
-from relay.device_session import DeviceSession
 from relay.kbdint_approval import ApprovalWaiter, ConnectionApproval
 from relay.menu_commands import dispatch
+from relay.session.bridge import raw_channel
+from relay.session.device_session import DeviceSession
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from relay.recording import Recording, RecordingOptions
-from relay.recording_retention import expired_files
+from relay.session.recording import Recording, RecordingOptions
+from relay.session.recording_retention import expired_files
 
 
 def _events(path: Path) -> list[list[Any]]:

@@ -1,4 +1,6 @@
-"""relay.recording_retention with a real `rly serve`: expired files go, audited; live ones stay."""
+"""relay.session.recording_retention with a real `rly serve`: expired files go, audited;
+live ones stay.
+"""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from relay.approval_gate import Identity
 from relay.context import RelayContext
 
 if TYPE_CHECKING:
-    from relay.bridge import Traffic
-    from relay.device_session import Outcome
+    from relay.session.bridge import Traffic
+    from relay.session.device_session import Outcome
 
 
 def request_tunnel(session: Session, device_id: str, request: str) -> None:

@@ -18,9 +18,7 @@ from typing import Any, Generic, TypeVar
 import asyncssh
 
 from core.validate import new_id
-from relay import session_rows
 from relay.approval_gate import Identity
-from relay.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
 from relay.context import RelayContext
 from relay.data_accept import DataStream
 from relay.data_request import request_data_connection
@@ -28,7 +26,9 @@ from relay.device_lookup import DeviceInfo
 from relay.peering.dial_back import request_dial_back
 from relay.peering.pool import PeerCarrier
 from relay.peering.route import peer_route
-from relay.recording import Recording, RecordingOptions
+from relay.session import rows
+from relay.session.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
+from relay.session.recording import Recording, RecordingOptions
 from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class DeviceSession(Generic[Process]):
         tunnel = self.ctx.tunnels.get(device_id) or await peer_route(self.ctx, device_id)
         if tunnel is not None:
             return tunnel
-        await self.ctx.db(lambda s: session_rows.request_tunnel(s, device_id, "open"))
+        await self.ctx.db(lambda s: rows.request_tunnel(s, device_id, "open"))
         self.ctx.hub.notify(f"device:{device_id}")
         self.say(WAITING)  # after the request is stored, so what the technician reads is true
 
@@ -105,7 +105,7 @@ class DeviceSession(Generic[Process]):
         elif peer is not None:  # dial-back first: the device dials this node, nobody relays
             stream = await request_dial_back(self.ctx, peer.node, self.device.id, session_id)
         way = _way(peer is not None, stream is not None)
-        session_id = await session_rows.start(
+        session_id = await rows.start(
             self.ctx,
             self.identity,
             self.device.id,
@@ -131,7 +131,7 @@ class DeviceSession(Generic[Process]):
                 recording.close()
             path = str(recording.path) if recording is not None else None
             await asyncio.shield(
-                session_rows.end(self.ctx, session_id, self.identity, self.traffic, outcome, path)
+                rows.end(self.ctx, session_id, self.identity, self.traffic, outcome, path)
             )
         return outcome
 
@@ -155,7 +155,7 @@ class DeviceSession(Generic[Process]):
                 timeout=self.ctx.settings.relay.connect_timeout,
             )
         except HostKeyMismatch:
-            await session_rows.host_key_mismatch(self.ctx, self.identity, self.device.id)
+            await rows.host_key_mismatch(self.ctx, self.identity, self.device.id)
             self.say(f"ALERT: device {self.device.id} presented a host key other than its pin.")
             self.say("Refusing to connect; an admin must check the device and re-pin its key.")
             return None
@@ -167,7 +167,7 @@ class DeviceSession(Generic[Process]):
                             session_id, _one_line(exc))  # fmt: skip
                 stream.close()
                 way = _way(isinstance(tunnel, PeerCarrier), False)
-                await session_rows.set_path(self.ctx, session_id, way)
+                await rows.set_path(self.ctx, session_id, way)
                 return await self._connect(tunnel, session_id)
             self.say(GIVING_UP)
             self.say(f"The device's SSH target did not answer: {_one_line(exc)}")
@@ -176,7 +176,7 @@ class DeviceSession(Generic[Process]):
         if not self.device.target_host_key:
             line = host_key_line(conn)
             if line:
-                await self.ctx.db(lambda s: session_rows.pin_host_key(s, self.device.id, line))
+                await self.ctx.db(lambda s: rows.pin_host_key(s, self.device.id, line))
         return conn
 
     def _start_recording(self, session_id: str) -> Recording | None:
@@ -250,7 +250,7 @@ class DeviceSession(Generic[Process]):
             if woken or now - written >= ACTIVITY_INTERVAL:
                 active = self.traffic.last_activity > written
                 traffic = self.traffic if active else None
-                closed = await session_rows.poll(self.ctx, session_id, traffic)
+                closed = await rows.poll(self.ctx, session_id, traffic)
                 if closed is not None:
                     return closed
                 written = now
@@ -267,7 +267,7 @@ class DeviceSession(Generic[Process]):
         async def watch() -> None:
             device_id = self.device.id
             with self.ctx.hub.watch(f"device:{device_id}") as woken:
-                while not await self.ctx.db(lambda s: session_rows.device_revoked(s, device_id)):
+                while not await self.ctx.db(lambda s: rows.device_revoked(s, device_id)):
                     await woken.wait(WATCH_INTERVAL)
             log.info("dial-back session device=%s ends: the device was revoked", device_id)
             stream.close()

@@ -1,6 +1,6 @@
 """Byte counters of the device sessions running in this relay process, by session id.
 
-The pumps count bytes in memory (relay.bridge.Traffic) and the session row gets
+The pumps count bytes in memory (relay.session.bridge.Traffic) and the session row gets
 them only every ~30 s and at the end, so `show` reads this registry for the
 sessions this relay holds and the database for those of other relays.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from relay.bridge import Traffic
+    from relay.session.bridge import Traffic
 
 
 @dataclass(frozen=True)
