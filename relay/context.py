@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
-from relay.data_tickets import DataWaiters
+from relay.data.tickets import DataWaiters
 from relay.peering.pool import PeerPool
 from relay.session.live_sessions import LiveSessions
 from relay.tunnels import TunnelRegistry

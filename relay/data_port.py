@@ -2,7 +2,7 @@
 
 `SSH-` is a device's tunnel (handed to asyncssh's server connection, which is
 an asyncio protocol), `RLY-DATA/1 <ticket>\\r\\n` is a session's data
-connection (relay.data_accept), anything else, or silence, is dropped within
+connection (relay.data.accept), anything else, or silence, is dropped within
 PREAMBLE_TIMEOUT and PREAMBLE_MAX bytes. Every connection holds a place in the
 port's pre-auth limits from its first moment, so a connection over the cap
 is refused before any SSH object is built for it.
@@ -23,7 +23,7 @@ import asyncssh
 
 from core.data_wire import PREAMBLE_MAX, PREAMBLE_PREFIX, PREAMBLE_TIMEOUT
 from relay.context import RelayContext
-from relay.data_accept import accept_data_connection
+from relay.data.accept import accept_data_connection
 from relay.liveness import tcp_keepalive
 from relay.preauth import PreauthLimiter
 

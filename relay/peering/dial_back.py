@@ -3,7 +3,7 @@
 The technician is on A, the device's tunnel on B. A publishes one event on the
 shared database, `dial:<B>:<device>:<session>:<A>` (core.events, NOTIFY). B,
 if it holds that device's tunnel, makes the single-use ticket itself, bound to
-node A and that session (relay.data_tickets), and sends the device the same
+node A and that session (relay.data.tickets), and sends the device the same
 dial request a single-node session sends, with A's device endpoints read from
 A's registry row; the device dials A's data port and A redeems the ticket as
 it would its own. So no node carries another's bytes, the secret never
@@ -35,9 +35,9 @@ from core.events import publish
 from core.models import RelayNode
 from core.validate import DEVICE_ID_RE, NAME_RE, is_ascii_digits
 from relay.context import RelayContext
-from relay.data_accept import DataStream
-from relay.data_request import endpoints
-from relay.data_tickets import dial_request, new_ticket, store_ticket
+from relay.data.accept import DataStream
+from relay.data.request import endpoints
+from relay.data.tickets import dial_request, new_ticket, store_ticket
 
 log = logging.getLogger(__name__)
 KIND = "dial"

@@ -20,8 +20,8 @@ import asyncssh
 from core.validate import new_id
 from relay.approval_gate import Identity
 from relay.context import RelayContext
-from relay.data_accept import DataStream
-from relay.data_request import request_data_connection
+from relay.data.accept import DataStream
+from relay.data.request import request_data_connection
 from relay.device_lookup import DeviceInfo
 from relay.peering.dial_back import request_dial_back
 from relay.peering.pool import PeerCarrier

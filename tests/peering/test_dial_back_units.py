@@ -9,7 +9,7 @@ import pytest
 
 from core.hub import Hub
 from device_client.data_dial import DialError, dial_data, parse_request
-from relay.data_tickets import dial_request, new_ticket
+from relay.data.tickets import dial_request, new_ticket
 from relay.peering.dial_back import dial_topic, parse_dial_topic
 
 

@@ -2,7 +2,7 @@
 
 The relay runs in this process (as `rly serve` starts it) so a test can make
 a session wait for its data connection (`ctx.data.expect`) and store tickets
-the way `relay.data_request` does.
+the way `relay.data.request` does.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from device_client.data_sessions import DataDialer
 from device_client.tunnel import Activity
 from relay import data_port
 from relay.context import RelayContext
-from relay.data_accept import DataStream
-from relay.data_tickets import dial_request, new_ticket, store_ticket, ticket_hash
+from relay.data.accept import DataStream
+from relay.data.tickets import dial_request, new_ticket, store_ticket, ticket_hash
 from tests.device_client.test_tunnel import Keys, device_config
 from tests.relay.device_port_support import new_key
 from tests.relay.test_device_port_inprocess import running_relay

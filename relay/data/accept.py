@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from core import audit
 from core.data_wire import OK_LINE
 from relay.context import RelayContext
-from relay.data_tickets import Redeemed, Refused, redeem, well_formed
+from relay.data.tickets import Redeemed, Refused, redeem, well_formed
 from relay.preauth import PreauthLimiter
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import asyncssh
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.context import RelayContext
-from relay.data_accept import DataStream
-from relay.data_tickets import dial_request, new_ticket, store_ticket
+from relay.data.accept import DataStream
+from relay.data.tickets import dial_request, new_ticket, store_ticket
 from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
