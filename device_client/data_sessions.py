@@ -2,7 +2,7 @@
 
 The relay sends a dial request as one JSON line on a control channel of the
 tunnel (`ControlSession`) or in a check-in answer; `DataDialer.request`
-checks it and opens the data connection (relay.data_port on the far end).
+checks it and opens the data connection (relay.device.port on the far end).
 The connection then serves the target: spliced to the local sshd (no Python
 per byte, device_client.data_splice) or run by the builtin SSH server
 directly on the socket (one asyncssh layer on the device). Each open data

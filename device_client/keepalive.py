@@ -3,7 +3,7 @@
 asyncssh probes after `interval` of silence and drops the peer on the tick
 after `count_max` unanswered probes, i.e. after interval x (count_max + 1).
 Passing the configured (30 s, 3) straight through probed every 30 s and
-noticed a dead relay only after 120 s. The relay (relay.liveness) probes a
+noticed a dead relay only after 120 s. The relay (relay.device.liveness) probes a
 device only after interval x count / 2 of silence; a device that probes a
 little before that (EARLY) keeps the relay from ever probing, so each tunnel
 costs the relay one small request and reply per round, and one round per

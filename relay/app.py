@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from relay.context import RelayContext
-from relay.data_port import listen_device_port
-from relay.device_server import device_limiter, make_device_server
+from relay.device.port import listen_device_port
+from relay.device.server import device_limiter, make_device_server
 from relay.drain import run_drain_watch
 from relay.node import close_stale_rows, register_node, run_node_heartbeat
 from relay.peering.dial_back import serve_dial_backs

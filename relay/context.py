@@ -13,9 +13,9 @@ from core.config import Settings
 from core.hub import Hub
 from core.keys import KeyStore
 from relay.data.tickets import DataWaiters
+from relay.device.tunnels import TunnelRegistry
 from relay.peering.pool import PeerPool
 from relay.session.live_sessions import LiveSessions
-from relay.tunnels import TunnelRegistry
 
 T = TypeVar("T")
 

@@ -57,7 +57,7 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
         timeout_keep_alive=15,
         timeout_graceful_shutdown=2,  # long polls must not hold up SIGTERM
         limit_concurrency=2048,
-        # WebSocket device tunnels (relay.ws_tunnel): the sans-I/O implementation (the
+        # WebSocket device tunnels (relay.device.ws_tunnel): the sans-I/O implementation (the
         # legacy one is deprecated) with a bound on unread pongs (rly.ws_limits), messages
         # capped at 1 MiB (a device sends at most 64 KiB each), no WebSocket pings (the SSH
         # keepalives inside find dead peers; a ping per tunnel would double the idle cost)

@@ -26,8 +26,8 @@ from core.keys import KeyStore, check_secret_file
 from core.tls_identity import file_fingerprint
 from relay.app import Relay, start_relay
 from relay.context import RelayContext
-from relay.ws_tunnel import PATH as TUNNEL_PATH
-from relay.ws_tunnel import WebSocketTunnels, make_tunnel_app
+from relay.device.ws_tunnel import PATH as TUNNEL_PATH
+from relay.device.ws_tunnel import WebSocketTunnels, make_tunnel_app
 from rly.health import create_root_app
 from rly.http_server import bind_tcp, make_server
 from tracker.app import create_app as create_tracker

@@ -16,7 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from relay.ws_tunnel import ABORT_CODE
+from relay.device.ws_tunnel import ABORT_CODE
 
 log = logging.getLogger(__name__)
 MAX_UNREAD = 256 * 1024  # bytes waiting for a peer that sends pings but reads nothing

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from relay.context import RelayContext
 from relay.data.accept import DataStream
 from relay.data.tickets import dial_request, new_ticket, store_ticket
-from relay.tunnels import DeviceTunnel
+from relay.device.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from core.keys import NodeIdentity
 from core.models import RelayNode
 from core.validate import DEVICE_ID_RE, NAME_RE
 from relay.context import RelayContext
+from relay.device.tunnels import DeviceTunnel
 from relay.peering.pool import PEER_PACKET, PEER_WINDOW
 from relay.preauth import PreauthLimiter, RefusalLog
 from relay.ssh_options import algorithm_options
-from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
 DEVICE_PREFIX = "device:"

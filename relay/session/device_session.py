@@ -22,6 +22,7 @@ from relay.approval_gate import Identity
 from relay.context import RelayContext
 from relay.data.accept import DataStream
 from relay.data.request import request_data_connection
+from relay.device.tunnels import DeviceTunnel
 from relay.device_lookup import DeviceInfo
 from relay.peering.dial_back import request_dial_back
 from relay.peering.pool import PeerCarrier
@@ -29,7 +30,6 @@ from relay.peering.route import peer_route
 from relay.session import rows
 from relay.session.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
 from relay.session.recording import Recording, RecordingOptions
-from relay.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
 WAITING = "Waiting for connection..."

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session
 from core.models import DataConnection, utcnow
 from device_client.data_sessions import DataDialer
 from device_client.tunnel import Activity
-from relay import data_port
 from relay.context import RelayContext
 from relay.data.accept import DataStream
 from relay.data.tickets import dial_request, new_ticket, store_ticket, ticket_hash
+from relay.device import port as device_port
 from tests.device_client.test_tunnel import Keys, device_config
 from tests.relay.device_port_support import new_key
 from tests.relay.test_device_port_inprocess import running_relay
@@ -121,7 +121,7 @@ def test_wrong_first_bytes_and_silence_are_dropped_within_the_preauth_limits(
 ) -> None:
     """Garbage, an overlong preamble and silence are dropped; each holds a pre-auth place
     meanwhile, so a source over its cap is refused at once, and a tunnel still logs in."""
-    monkeypatch.setattr(data_port, "PREAMBLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(device_port, "PREAMBLE_TIMEOUT", 0.5)
 
     async def scenario() -> None:
         async with running_relay(tmp_path / "data", max_unauthenticated_per_source=2) as ctx:

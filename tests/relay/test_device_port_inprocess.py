@@ -17,7 +17,7 @@ from core.feed import run_feed
 from core.hub import Hub
 from relay.app import start_relay
 from relay.context import RelayContext
-from relay.liveness import keepalive_options, sweep_once
+from relay.device.liveness import keepalive_options, sweep_once
 from rly.serve import prepare
 from tests.relay.device_port_support import (
     Db,

@@ -4,7 +4,7 @@ Deny by default: only public-key login as an accepted device from an allowed
 address, and only one `tcpip-forward`. Sessions, exec, direct-tcpip, other
 forwards, agent and X11 are refused and audited. The forward binds no socket:
 `server_requested` returns a `DeviceListener`, and technician channels are
-opened back over the device's connection through `relay.tunnels.DeviceTunnel`.
+opened back over the device's connection through `relay.device.tunnels.DeviceTunnel`.
 
 asyncssh verifies the signature after `validate_public_key` returns True, so
 that hook only compares the key; the status/allowlist decision is taken in
@@ -27,7 +27,7 @@ from core.data_wire import data_capable
 from core.models import utcnow
 from core.validate import strip_controls
 from relay.context import RelayContext
-from relay.device_auth import (
+from relay.device.auth import (
     DeviceView,
     drop_reason,
     key_matches,
@@ -35,10 +35,10 @@ from relay.device_auth import (
     refusal,
     valid_device_id,
 )
-from relay.liveness import ensure_sweeper, keepalive_options, recheck_device
+from relay.device.liveness import ensure_sweeper, keepalive_options, recheck_device
+from relay.device.transport_label import tunnel_transport
+from relay.device.tunnels import DeviceTunnel, close_tunnel_row, insert_tunnel_row
 from relay.preauth import PreauthLimiter, RefusalLog
-from relay.transport_label import tunnel_transport
-from relay.tunnels import DeviceTunnel, close_tunnel_row, insert_tunnel_row
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ class DeviceTunnel:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     account_id: int | None = None
     transport_port: int = 0
-    transport: str = "ssh"  # relay.transport_label: ssh, ssh+connect, wss, wss+connect
+    transport: str = "ssh"  # relay.device.transport_label: ssh, ssh+connect, wss, wss+connect
     max_channels: int = 16
     close_reason: str | None = None
     data_capable: bool = False  # rly-client announced data connections (core.data_wire)
@@ -124,7 +124,7 @@ class TunnelRegistry:
     def __init__(self) -> None:
         self._tunnels: dict[str, DeviceTunnel] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.sweeper: asyncio.Task[None] | None = None  # relay.liveness starts it
+        self.sweeper: asyncio.Task[None] | None = None  # relay.device.liveness starts it
 
     def get(self, device_id: str) -> DeviceTunnel | None:
         return self._tunnels.get(device_id)

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from core.config import RelaySettings
 from core.models import Tunnel, utcnow
 from relay.context import RelayContext
-from relay.device_auth import drop_reason, load_device
+from relay.device.auth import drop_reason, load_device
 
 log = logging.getLogger(__name__)
 

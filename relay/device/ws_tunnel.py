@@ -2,7 +2,7 @@
 
 A device behind a web firewall reaches the relay only on 443. The WebSocket
 carries exactly the bytes a device port would see, so each accepted
-WebSocket is handed to the device port's dispatch (`relay.data_port`): the
+WebSocket is handed to the device port's dispatch (`relay.device.port`): the
 same first-bytes check, pre-auth limits, asyncssh device server, keys,
 pinning and rules. `AsgiByteTransport` is the asyncio transport that
 dispatch and asyncssh drive; binary messages in are `data_received`, writes
@@ -28,8 +28,8 @@ import asyncssh
 from starlette.types import Message, Receive, Scope, Send
 
 from relay.context import RelayContext
-from relay.data_port import DevicePort, ssh_listen_options
-from relay.device_server import device_limiter, make_device_server
+from relay.device.port import DevicePort, ssh_listen_options
+from relay.device.server import device_limiter, make_device_server
 
 log = logging.getLogger(__name__)
 

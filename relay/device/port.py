@@ -24,7 +24,7 @@ import asyncssh
 from core.data_wire import PREAMBLE_MAX, PREAMBLE_PREFIX, PREAMBLE_TIMEOUT
 from relay.context import RelayContext
 from relay.data.accept import accept_data_connection
-from relay.liveness import tcp_keepalive
+from relay.device.liveness import tcp_keepalive
 from relay.preauth import PreauthLimiter
 
 log = logging.getLogger(__name__)
