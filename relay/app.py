@@ -19,7 +19,7 @@ from relay.peering.dial_back import serve_dial_backs
 from relay.peering.route import start_peering
 from relay.session.recording_retention import run_retention
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
-from relay.technician_server import make_technician_server
+from relay.technician.server import make_technician_server
 
 log = logging.getLogger(__name__)
 

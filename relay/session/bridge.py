@@ -30,7 +30,7 @@ import asyncssh
 from relay.ssh_options import algorithm_options
 
 log = logging.getLogger(__name__)
-CHUNK = 32768  # read size of relay.jump_pump
+CHUNK = 32768  # read size of relay.technician.jump_pump
 ENCODING = "utf-8"
 ERRORS = "surrogateescape"
 STDOUT = 0

@@ -18,18 +18,18 @@ from typing import Any, Generic, TypeVar
 import asyncssh
 
 from core.validate import new_id
-from relay.approval_gate import Identity
 from relay.context import RelayContext
 from relay.data.accept import DataStream
 from relay.data.request import request_data_connection
 from relay.device.tunnels import DeviceTunnel
-from relay.device_lookup import DeviceInfo
 from relay.peering.dial_back import request_dial_back
 from relay.peering.pool import PeerCarrier
 from relay.peering.route import peer_route
 from relay.session import rows
 from relay.session.bridge import Bridge, HostKeyMismatch, Traffic, connect_target, host_key_line
 from relay.session.recording import Recording, RecordingOptions
+from relay.technician.approval_gate import Identity
+from relay.technician.device_lookup import DeviceInfo
 
 log = logging.getLogger(__name__)
 WAITING = "Waiting for connection..."

@@ -16,8 +16,8 @@ from core.devices import request_tunnel as core_request_tunnel
 from core.models import Device, SshSession, utcnow
 from core.session_close import CLOSED_BY_REQUEST, close_reason
 from core.validate import new_id
-from relay.approval_gate import Identity
 from relay.context import RelayContext
+from relay.technician.approval_gate import Identity
 
 if TYPE_CHECKING:
     from relay.session.bridge import Traffic

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.commands import MAX_LINE, Command, ParseError, parse
+from relay.technician.commands import MAX_LINE, Command, ParseError, parse
 
 
 @pytest.mark.parametrize(

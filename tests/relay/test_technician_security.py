@@ -277,11 +277,12 @@ def test_client_killed_at_the_menu_prompt_logs_one_info_line(
     db.decide(approval_token(tech), "alice")
     tech.expect(re.escape("rly:alice@acme> "), timeout=3)
     os.kill(tech.child.pid, signal.SIGKILL)
-    wait_until(lambda: "relay.menu: technician" in relay.output)  # the session's end, logged
+    # the session's end, logged
+    wait_until(lambda: "relay.technician.menu: technician" in relay.output)
     time.sleep(0.5)  # anything else the end of the session logs
     lines = relay.output.splitlines()
     assert not [line for line in lines if "Traceback" in line or " ERROR " in line], lines[-20:]
-    assert any(" INFO relay.menu: technician " in line for line in lines)
+    assert any(" INFO relay.technician.menu: technician " in line for line in lines)
 
 
 def test_client_that_drops_the_kbdint_text_gets_the_link_in_the_session(

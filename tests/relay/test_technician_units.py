@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 
 from core.db import make_engine, make_sessions, upgrade
 from core.models import Account, Device, Tunnel, utcnow
-from relay.device_lookup import (
+from relay.preauth import PENALTY_CAP, PreauthLimiter, RefusalLog
+from relay.technician.device_lookup import (
     AMBIGUOUS,
     NO_MATCH,
     NOT_CHECKING_IN,
@@ -24,7 +25,6 @@ from relay.device_lookup import (
     list_devices,
     resolve,
 )
-from relay.preauth import PENALTY_CAP, PreauthLimiter, RefusalLog
 
 
 @pytest.fixture

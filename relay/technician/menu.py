@@ -6,7 +6,7 @@ technician server as `rly_login`. Until the portal approves, nothing but the
 approval text is shown; after approval the session acts as the approving
 portal user and sees only that user's account.
 
-One approval serves a whole connection (relay.kbdint_approval): a session on
+One approval serves a whole connection (relay.technician.kbdint_approval): a session on
 a connection that is approved already goes straight to the menu; one whose
 keyboard-interactive login created the request shows and awaits that request;
 otherwise (password or key login) the session creates its own, as before.
@@ -31,14 +31,14 @@ from typing import Any, TypeVar
 import asyncssh
 
 from core.text import printable
-from relay import commands, device_actions, device_lookup
-from relay.approval_gate import ApprovalGate, Decision, Identity, format_left
-from relay.commands import Command, ParseError
 from relay.context import RelayContext
-from relay.kbdint_approval import ApprovalWaiter, ConnectionApproval
-from relay.menu_commands import dispatch
 from relay.session.bridge import raw_channel
 from relay.session.device_session import DeviceSession
+from relay.technician import commands, device_actions, device_lookup
+from relay.technician.approval_gate import ApprovalGate, Decision, Identity, format_left
+from relay.technician.commands import Command, ParseError
+from relay.technician.kbdint_approval import ApprovalWaiter, ConnectionApproval
+from relay.technician.menu_commands import dispatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,5 +1,5 @@
 """The menu's `repair` and `close`: actions, returning lines to print (`list` and `show`
-are relay.device_listing).
+are relay.technician.device_listing).
 
 Every action is scoped to the approving user's account and audited; device
 text is printed with control characters removed (lookups already strip them).
@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 
 from core import audit, session_close
 from core.models import utcnow
-from relay.approval_gate import Identity
 from relay.context import RelayContext
-from relay.device_lookup import DeviceInfo, LookupFailure
 from relay.node import tunnel_node_since
 from relay.session import rows
+from relay.technician.approval_gate import Identity
+from relay.technician.device_lookup import DeviceInfo, LookupFailure
 
 
 def when(value: datetime | None) -> str:

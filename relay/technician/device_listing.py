@@ -17,14 +17,14 @@ from sqlalchemy.orm import Session
 from core.data_wire import data_capable
 from core.models import DataConnection, SshSession, Tunnel
 from core.validate import strip_controls
-from relay import device_lookup
-from relay.approval_gate import Identity
 from relay.context import RelayContext
-from relay.device_actions import ago, when
-from relay.device_lookup import PAGE_SIZE, DeviceInfo
 from relay.peering.dial_back import dial_back_possible
 from relay.peering.route import way_line
 from relay.session.live_sessions import LiveCounts
+from relay.technician import device_lookup
+from relay.technician.approval_gate import Identity
+from relay.technician.device_actions import ago, when
+from relay.technician.device_lookup import PAGE_SIZE, DeviceInfo
 
 LIST_COLUMNS = ("ID", "HOSTNAME", "SERIAL", "STATE", "LAST CHECK-IN", "OS / CLIENT")
 

@@ -13,8 +13,8 @@ no port forwarding of any kind, no agent, no X11, before or after approval;
 each refusal is audited. Pre-auth limits come from relay.preauth.
 
 The one exception is ProxyJump / `ssh -W` to `DEVICE:22` on an approved
-connection (relay.jump); the gate user's keyboard-interactive login shows the
-approval URL before the session starts (relay.kbdint_approval), so a client
+connection (relay.technician.jump); the gate user's keyboard-interactive login shows the
+approval URL before the session starts (relay.technician.kbdint_approval), so a client
 without a shell gets it too. Sessions and jump channels share one cap.
 """
 
@@ -33,10 +33,11 @@ from sqlalchemy.orm import Session
 
 from core import audit, metrics
 from core.models import User, UserKey
-from relay.approval_gate import ApprovalGate, Pending
 from relay.context import RelayContext
-from relay.jump import JumpRequests
-from relay.kbdint_approval import (
+from relay.preauth import PreauthLimiter, RefusalLog
+from relay.technician.approval_gate import ApprovalGate, Pending
+from relay.technician.jump import JumpRequests
+from relay.technician.kbdint_approval import (
     EXTRA_INFO_KEY,
     ConnectionApproval,
     KbdintApproval,
@@ -44,8 +45,7 @@ from relay.kbdint_approval import (
     disconnect_soon,
     shows_instructions,
 )
-from relay.menu import DISCONNECT_GRACE, LoginInfo, MenuSession
-from relay.preauth import PreauthLimiter, RefusalLog
+from relay.technician.menu import DISCONNECT_GRACE, LoginInfo, MenuSession
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,10 @@ class TechnicianServer(asyncssh.SSHServer):
     async def validate_kbdint_response(
         self, username: str, responses: Sequence[str]
     ) -> KbdintChallenge:
-        """Gate password, then a prompt-less round showing the approval (relay.kbdint_approval)."""
+        """Gate password, then a prompt-less round showing the approval.
+
+        The rounds are relay.technician.kbdint_approval's.
+        """
         self._step = None
         result = await self.kbdint.respond(username, list(responses))
         if result is True:
@@ -276,7 +279,10 @@ class TechnicianServer(asyncssh.SSHServer):
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> Awaitable[asyncssh.SSHTCPSession[bytes]] | bool:
-        """ProxyJump to a device (relay.jump), held until the approval; all else is refused."""
+        """ProxyJump to a device, held until the approval; all else is refused.
+
+        The channel is served by relay.technician.jump.
+        """
         if self.jumps is None or not self._take_channel("direct-tcpip"):
             return False
         return self.jumps.request(dest_host, dest_port, self._release_channel)

@@ -1,14 +1,14 @@
 """ProxyJump / `ssh -W` through the technician port: which `direct-tcpip` opens are served.
 
 Only `DEVICE:22`, where DEVICE is a device id, hostname or serial of the
-approving user's account (relay.device_lookup, same rules and words as the
+approving user's account (relay.technician.device_lookup, same rules and words as the
 menu), on a connection that is approved. Anything else (another port, an
 arbitrary host, another account's device, an unapproved connection) is
 refused with a one-line reason the client prints, and audited by the caller.
 
 A connection whose keyboard-interactive login created an approval
-(relay.kbdint_approval) holds the channel open until the decision: approve
-serves the channel with the nested server (relay.jump_server); reject or
+(relay.technician.kbdint_approval) holds the channel open until the decision: approve
+serves the channel with the nested server (relay.technician.jump_server); reject or
 expiry refuses it and disconnects the whole connection at once, with the
 reason. A password or public-key login has shown no URL before its session,
 so a jump on it is refused until a shell on that connection was approved, or
@@ -24,11 +24,11 @@ from typing import cast
 
 import asyncssh
 
-from relay import device_lookup
-from relay.approval_gate import ApprovalGate, Identity
 from relay.context import RelayContext
-from relay.jump_server import open_nested_server
-from relay.kbdint_approval import ConnectionApproval, disconnect_soon
+from relay.technician import device_lookup
+from relay.technician.approval_gate import ApprovalGate, Identity
+from relay.technician.jump_server import open_nested_server
+from relay.technician.kbdint_approval import ConnectionApproval, disconnect_soon
 
 log = logging.getLogger(__name__)
 DEVICE_PORT = 22

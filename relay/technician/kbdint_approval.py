@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from relay.approval_gate import ApprovalGate, Decision, Identity, Pending, format_left
+from relay.technician.approval_gate import ApprovalGate, Decision, Identity, Pending, format_left
 
 log = logging.getLogger(__name__)
 PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password

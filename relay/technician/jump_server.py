@@ -28,13 +28,13 @@ import logging
 import asyncssh
 
 from core.validate import strip_controls
-from relay.approval_gate import Identity
 from relay.context import RelayContext
-from relay.device_lookup import DeviceInfo
-from relay.jump_pump import BytesPump
 from relay.session.device_session import DeviceSession, Outcome
 from relay.session.recording import Recording
 from relay.ssh_options import MAX_PACKET, WINDOW, algorithm_options
+from relay.technician.approval_gate import Identity
+from relay.technician.device_lookup import DeviceInfo
+from relay.technician.jump_pump import BytesPump
 
 log = logging.getLogger(__name__)
 HOST_CERT_VALID_AFTER = "-5m"
@@ -231,7 +231,7 @@ async def open_nested_server(
         agent_forwarding=False,
         x11_forwarding=False,
         allow_scp=False,
-        encoding=None,  # bytes end to end (relay.jump_pump)
+        encoding=None,  # bytes end to end (relay.technician.jump_pump)
         line_editor=False,
         **algorithm_options(),
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from relay import device_actions, device_listing, device_lookup
-from relay.commands import USAGE, Command
-from relay.device_lookup import DeviceInfo
+from relay.technician import device_actions, device_listing, device_lookup
+from relay.technician.commands import USAGE, Command
+from relay.technician.device_lookup import DeviceInfo
 
 if TYPE_CHECKING:
-    from relay.menu import MenuSession
+    from relay.technician.menu import MenuSession
 
 
 async def dispatch(menu: MenuSession, command: Command) -> None:
