@@ -28,8 +28,10 @@ from bench import (
     checkins,
     connect_time,
     events,
+    fleet_checkins,
     idle_tunnels,
     keystroke,
+    on_demand_fleet,
     peering,
     throughput,
     websocket,
@@ -50,6 +52,8 @@ STANDALONE: dict[str, Callable[[Path, Scale, bool], LegResult]] = {
     "events": events.run,
     "websocket": websocket.run,
     "peering": peering.run,
+    "fleet_checkins": fleet_checkins.run,
+    "on_demand_fleet": on_demand_fleet.run,
 }
 LEGS = [*SHARED, *STANDALONE]
 
