@@ -92,6 +92,8 @@ class HttpSettings:
     public_url: str = "http://localhost:8000"
     tls_cert: str = ""
     tls_key: str = ""
+    # open HTTP connections at once; each long-polling device holds one (then 503)
+    max_connections: int = 16384
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("Config 'relay.heartbeat_interval' must be positive")
     if settings.relay.keepalive_count < 1:
         raise ConfigError("Config 'relay.keepalive_count' must be at least 1")
+    if not 1 <= settings.http.max_connections <= 1_000_000:
+        raise ConfigError("Config 'http.max_connections' must be between 1 and 1000000")
     if settings.tracker.checkin_wait > 60:
         raise ConfigError("Config 'tracker.checkin_wait' must be at most 60s")
     if not settings.relay.gate_user or not re.fullmatch(

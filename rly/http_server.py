@@ -8,6 +8,7 @@ one-line error and avoids port races in tests.
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 import ssl
 from collections.abc import Generator
@@ -39,7 +40,24 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> EmbeddedServer:
+def raise_open_files_limit(wanted: int) -> int:
+    """Raise the soft RLIMIT_NOFILE towards `wanted` (at most the hard limit); the limit now.
+
+    Each long-polling device holds one connection, so a tracker of a large
+    on-demand fleet needs far more descriptors than the usual soft 1024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return int(soft)
+
+
+def make_server(
+    app: Any, *, tls_cert: str, tls_key: str, log_level: str, max_connections: int = 16384
+) -> EmbeddedServer:
     kwargs: dict[str, Any] = {}
     if tls_cert:
         kwargs = {
@@ -56,7 +74,7 @@ def make_server(app: Any, *, tls_cert: str, tls_key: str, log_level: str) -> Emb
         server_header=False,
         timeout_keep_alive=15,
         timeout_graceful_shutdown=2,  # long polls must not hold up SIGTERM
-        limit_concurrency=2048,
+        limit_concurrency=max_connections,  # above it: 503, the device retries
         # WebSocket device tunnels (relay.device.ws_tunnel): the sans-I/O implementation (the
         # legacy one is deprecated) with a bound on unread pongs (rly.ws_limits), messages
         # capped at 1 MiB (a device sends at most 64 KiB each), no WebSocket pings (the SSH

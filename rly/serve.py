@@ -29,11 +29,12 @@ from relay.context import RelayContext
 from relay.device.ws_tunnel import PATH as TUNNEL_PATH
 from relay.device.ws_tunnel import WebSocketTunnels, make_tunnel_app
 from rly.health import create_root_app
-from rly.http_server import bind_tcp, make_server
+from rly.http_server import bind_tcp, make_server, raise_open_files_limit
 from tracker.app import create_app as create_tracker
 
 log = logging.getLogger(__name__)
 PARTS = ("relay", "tracker", "portal")
+FILES_MARGIN = 4096  # descriptors beyond HTTP connections: tunnels, database, logs
 
 
 class StartupError(RuntimeError):
@@ -124,11 +125,16 @@ async def serve(p: Prepared, parts: set[str]) -> int:
         tunnels = None
         if relay is not None:
             tunnels = await make_tunnel_app(relay.ctx, tls=bool(s.http.tls_cert))
+        files = raise_open_files_limit(s.http.max_connections + FILES_MARGIN)
+        if files < s.http.max_connections:
+            log.warning("open files limit %d < http.max_connections %d: raise LimitNOFILE",
+                        files, s.http.max_connections)  # fmt: skip
         server = make_server(
             build_http_app(p, hub, parts, tunnels),
             tls_cert=s.http.tls_cert,
             tls_key=s.http.tls_key,
             log_level=s.log_level,
+            max_connections=s.http.max_connections,
         )
         tasks.append(asyncio.create_task(server.serve(sockets=[http_sock]), name="http"))
         while not server.started:

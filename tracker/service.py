@@ -157,9 +157,18 @@ class Tracker:
     async def _long_poll(
         self, device_id: str, first: DeviceState, wait: float, ack: int | None, woken: asyncio.Event
     ) -> tuple[DeviceState, Due]:
-        """Wait for a wake-up that brings an action or a status change; re-read at the end."""
+        """Wait for a wake-up that brings an action or a status change; read only when woken.
+
+        Every change a check-in answer carries (status, tunnel mode, a tunnel
+        request) sets `tunnel_request_at` and publishes `device:<id>`, and the
+        change feed turns it into a wake-up in every process (core.feed: NOTIFY, or
+        its poll on SQLite and as the safety net). So a wait that ran out without
+        one answers what the last read saw, with no second read: the database
+        work of a quiet long poll is its first, recording, statement.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        last = (first, checkins.NOTHING_DUE)
         while not self.hub.closing and (left := deadline - loop.time()) > 0:
             try:
                 async with asyncio.timeout(left):
@@ -167,13 +176,13 @@ class Tracker:
             except TimeoutError:
                 break
             woken.clear()
-            state, due = await asyncio.to_thread(self._poll, device_id, ack)
+            state, due = last = await asyncio.to_thread(self._poll, device_id, ack)
             if due.action != "none" or (state.status, state.tunnel_mode) != (
                 first.status,
                 first.tunnel_mode,
             ):
                 return state, due
-        return await asyncio.to_thread(self._poll, device_id, ack)
+        return last
 
     def _poll(self, device_id: str, ack: int | None) -> tuple[DeviceState, Due]:
         with self.sessions() as session, session.begin():

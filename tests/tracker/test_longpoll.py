@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy import event
+
 from core.devices import accept_device, request_tunnel, revoke_device
 from core.models import Device
 from tests.tracker.harness import SignedDevice, TrackerEnv
@@ -123,3 +125,32 @@ def test_server_caps_the_wait(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         env.close()
+
+
+def test_a_quiet_long_poll_costs_the_statements_of_a_plain_check_in(env: TrackerEnv) -> None:
+    """A long poll that nothing woke answers from its first read: it runs no more SQL than a
+    `wait: 0` check-in (100,000 on-demand devices cost one recording statement per poll)."""
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, sql: str, *_args: object) -> None:
+        statements.append(sql)
+
+    async def scenario() -> tuple[int, int]:
+        env.hub.bind(asyncio.get_running_loop())
+        async with env.client() as api:
+            device = await api.enroll(env.token(auto_accept=True))
+            assert (await device.checkin()).status_code == 200  # the key is cached from here
+            event.listen(env.prepared.engine, "before_cursor_execute", count)
+            try:
+                assert (await device.checkin()).status_code == 200
+                plain = len(statements)
+                statements.clear()
+                reply = await device.checkin(wait=0.5)
+                assert reply.status_code == 200 and reply.json()["action"] == "none"
+                quiet = len(statements)
+            finally:
+                event.remove(env.prepared.engine, "before_cursor_execute", count)
+        return plain, quiet
+
+    plain, quiet = asyncio.run(scenario())
+    assert plain > 0 and quiet == plain, (plain, quiet, statements)
