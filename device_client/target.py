@@ -438,13 +438,20 @@ async def serve_builtin(
 async def serve_builtin_stream(
     sock: socket.socket, config: ClientConfig, activity: Activity
 ) -> None:
-    """Serve one data connection with the builtin server, directly on its socket."""
+    """Serve one data connection with the builtin server, directly on its socket.
+
+    Cancelled (its tunnel ended: `DataDialer.close`), it closes the connection, so
+    the relay at the far end, which may not be the tunnel's, sees the session end.
+    """
     conn = await asyncssh.run_server(
         sock,
         server_factory=lambda: _TargetServer(config.login_user, config.user_ca, activity),
         **_builtin_options(config),
     )
-    await conn.wait_closed()
+    try:
+        await conn.wait_closed()
+    finally:
+        conn.abort()
 
 
 def _builtin_options(config: ClientConfig) -> dict[str, Any]:

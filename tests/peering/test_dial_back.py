@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.models import DataConnection, SshSession
+from core.models import DataConnection, SshSession, Tunnel
 from tests.e2e.stack import CLIENT, DeviceUnderTest
 from tests.fleet.support import Fleet, wait_for
 from tests.peering.support import FleetDb, ssh_config
@@ -295,3 +296,42 @@ def test_revoking_the_device_ends_its_dialled_back_session_within_a_second(
     assert time.monotonic() - revoked < 1.0
     rows = world.db.session_rows(dev)
     assert rows[-1].path == "dial-back"
+
+
+def test_kill_9_of_b_ends_the_dialled_back_session_and_the_device_moves_to_a(
+    world: World, technician_factory: TechnicianFactory
+) -> None:
+    """kill -9 of relay-b mid-session (runs last: relay-b stays down): the device's tunnel, and
+    with it the session's data connection to relay-a, end; the technician on relay-a is told
+    within 5 s, and the device (relay-b first, then relay-a on its list) is back on relay-a."""
+    device = world.fleet.enroll_device("two-relays", start=False)
+    a_port, b_port = world.a.device_port, world.b.device_port
+    device.edit_config(relay_endpoints=[f"ssh://127.0.1.2:{b_port}", f"ssh://127.0.1.1:{a_port}"])
+    device.start()
+    assert world.fleet.wait_online(device.id).relay_node == "relay-b"
+    tech = world.menu(technician_factory)
+    tech.sendline(f"connect {device.id}")
+    tech.sendline("echo alive-$((4*4))")
+    tech.expect("alive-16")
+    assert world.b.process is not None
+    killed = time.monotonic()
+    os.killpg(world.b.process.pid, signal.SIGKILL)
+    tech.expect(rf"Connection to {device.id} \(two-relays\) closed: ", timeout=5)
+    assert time.monotonic() - killed < 5
+    tech.expect(PROMPT)
+    (row,) = world.ended(device.id, 1)
+    assert (row.path, row.relay_node) == ("dial-back", "relay-a")
+
+    def on_a() -> bool:  # relay-b's own row stays open until a live node declares it gone
+        with world.fleet.db() as s:
+            return bool(
+                s.scalar(
+                    select(Tunnel.id).where(
+                        Tunnel.device_id == device.id,
+                        Tunnel.relay_node == "relay-a",
+                        Tunnel.closed_at.is_(None),
+                    )
+                )
+            )
+
+    wait_for(on_a, 15, "the device's tunnel on relay-a")
