@@ -14,9 +14,11 @@ tunnel, A unknown or draining) it answers `dial-refused:<session>` and A
 stops waiting. One relay process per node name is assumed (the registry row
 is the node's), so "no tunnel here" is a refusal, not someone else's turn.
 
-A device that did not dial in time (its network may reach only B) is
+B confirms with `dial-sent:<session>` once the device has the request; a
+device that then did not dial in time (its network may reach only B) is
 remembered for RETRY_AFTER, so its next sessions go to peering at once
-instead of waiting again.
+instead of waiting again. A timeout with no word from B (B died, or runs
+without LISTEN) is not held against the device.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from relay.data.tickets import dial_request, new_ticket, store_ticket
 log = logging.getLogger(__name__)
 KIND = "dial"
 REFUSED = "dial-refused"
+SENT = "dial-sent"
 RETRY_AFTER = 300.0  # seconds a device that could not dial back goes straight to peering
 _failed: dict[tuple[str, str], float] = {}  # (node, device id) -> when it failed to dial back
 
@@ -83,25 +86,28 @@ async def request_dial_back(
         return None
     timeout = ctx.settings.relay.data_connect_timeout
     waiter = ctx.data.expect(session_id, device_id)
-    refused = ctx.hub.watch(f"{REFUSED}:{session_id}")
+    refused, sent = asyncio.Event(), asyncio.Event()
+    unsubscribe = (
+        ctx.hub.subscribe(f"{REFUSED}:{session_id}", refused.set),
+        ctx.hub.subscribe(f"{SENT}:{session_id}", sent.set),
+    )
     topic = dial_topic(holder, device_id, session_id, ctx.node_name)
+    refusal = asyncio.ensure_future(refused.wait())
     try:
         async with asyncio.timeout(timeout):
             await ctx.db(lambda s: publish(s, topic))
-            refused_wait = asyncio.ensure_future(refused.wait(timeout))
-            try:
-                await asyncio.wait(
-                    (waiter.arrived, refused_wait), return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                refused_wait.cancel()
+            await asyncio.wait((waiter.arrived, refusal), return_when=asyncio.FIRST_COMPLETED)
     except (TimeoutError, SQLAlchemyError) as exc:
         if not (waiter.arrived.done() and not waiter.arrived.cancelled()):
-            _failed[(ctx.node_name, device_id)] = time.monotonic()
-            log.info("no dial-back device=%s session=%s via=%s (%s); using peering",
-                     device_id, session_id, holder, type(exc).__name__)  # fmt: skip
+            if sent.is_set():  # B asked the device, which did not dial: it may reach only B
+                _failed[(ctx.node_name, device_id)] = time.monotonic()
+            why = "the device did not dial" if sent.is_set() else f"no answer from {holder}"
+            log.info("no dial-back device=%s session=%s (%s: %s); using peering",
+                     device_id, session_id, type(exc).__name__, why)  # fmt: skip
     finally:
-        refused.close()
+        refusal.cancel()
+        for stop in unsubscribe:
+            stop()
         ctx.data.forget(session_id)
     arrived = waiter.arrived
     if arrived.done() and not arrived.cancelled() and arrived.exception() is None:
@@ -170,6 +176,8 @@ def serve_dial_backs(ctx: RelayContext) -> None:
                 )
                 await tunnel.send_dial(request)
                 log.info("dial-back device=%s session=%s to=%s", device_id, session_id, requester)
+                with contextlib.suppress(SQLAlchemyError):  # A then knows a timeout is the device's
+                    await ctx.db(lambda s: publish(s, f"{SENT}:{session_id}"))
                 return
         except (OSError, SQLAlchemyError, asyncssh.Error, asyncssh.ChannelOpenError) as exc:
             why = type(exc).__name__
