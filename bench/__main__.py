@@ -27,6 +27,7 @@ from bench import (
     approval,
     checkins,
     connect_time,
+    dial_back,
     events,
     fleet_checkins,
     idle_tunnels,
@@ -52,6 +53,7 @@ STANDALONE: dict[str, Callable[[Path, Scale, bool], LegResult]] = {
     "events": events.run,
     "websocket": websocket.run,
     "peering": peering.run,
+    "dial_back": dial_back.run,
     "fleet_checkins": fleet_checkins.run,
     "on_demand_fleet": on_demand_fleet.run,
 }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import keystroke, throughput
@@ -81,38 +82,64 @@ def _measure(result: LegResult, path: SshPath, scale: Scale) -> None:
         result.metric(way, path.name, "MiB/s", higher_is_better=True).samples.append(rate)
 
 
+@dataclass
+class TwoRelays:
+    """The fleet of both legs on one PostgreSQL: tracker+portal, relay-a and relay-b."""
+
+    fleet: Fleet
+    db: FleetDb
+    approver: Approver
+
+    @property
+    def a(self) -> RlyServer:
+        return self.fleet.relays["relay-a"]
+
+    @property
+    def b(self) -> RlyServer:
+        return self.fleet.relays["relay-b"]
+
+    @property
+    def user_ca(self) -> str:
+        return (self.fleet.hub.data_dir / "keys" / "user_ca.pub").read_text().strip()
+
+
+def two_relays(work: Path, stack: contextlib.ExitStack) -> TwoRelays:
+    """A fresh database, tracker+portal, relay-a and relay-b and an approver, stopped by `stack`."""
+    work.mkdir(mode=0o700, parents=True, exist_ok=True)
+    url = _database(stack)
+    fleet = Fleet(work, url)
+    stack.callback(fleet.stop)
+    fleet.cli("account", "add", ACCOUNT)
+    for name, address in ADDRESSES.items():
+        fleet.add_relay(name, address)
+    db = FleetDb(url)
+    stack.callback(db.close)
+    approver = Approver(fleet.hub)
+    stack.callback(approver.close)
+    return TwoRelays(fleet, db, approver)
+
+
 @contextlib.contextmanager
 def _fleet_paths(work: Path) -> Iterator[dict[str, SshPath]]:
     """The fleet, the device and one approved ControlMaster per path; all stopped after."""
-    work.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        url = _database(stack)
-        fleet = Fleet(work, url)
-        stack.callback(fleet.stop)
-        fleet.cli("account", "add", ACCOUNT)
-        for name, address in ADDRESSES.items():
-            fleet.add_relay(name, address)
-        a, b = fleet.relays["relay-a"], fleet.relays["relay-b"]
-        db = FleetDb(url)
-        stack.callback(db.close)
-        user_ca = (fleet.hub.data_dir / "keys" / "user_ca.pub").read_text().strip()
-        target = OpenSshd(work, trusted_user_ca_keys=[user_ca]).start()
+        world = two_relays(work, stack)
+        fleet, db, a, b = world.fleet, world.db, world.a, world.b
+        target = OpenSshd(work, trusted_user_ca_keys=[world.user_ca]).start()
         stack.callback(target.stop)
         key = new_key()
         device_id = db.add_named_device(db.account_id(ACCOUNT), hostname="bench-peer", key=key)
         device = plain_device(fleet.processes, b, device_id, key, target.port)
         fleet.wait_online(device_id)
-        approver = Approver(fleet.hub)
-        stack.callback(approver.close)
-        device_side = tuple(p for p in (device.pid, _pid(target)) if p)
+        device_side = tuple(p for p in (device.pid, pid_of(target)) if p)
         paths = {}
         for name, relay, sides in (
-            (SINGLE, b, Sides(relay=(_pid(b),), device=device_side)),
-            (PEERING, a, Sides(relay=(_pid(a), _pid(b)), device=device_side)),
+            (SINGLE, b, Sides(relay=(pid_of(b),), device=device_side)),
+            (PEERING, a, Sides(relay=(pid_of(a), pid_of(b)), device=device_side)),
         ):
             control = work / f"{name}.ctl"
-            stack.enter_context(_master(relay, approver, control))
-            paths[name] = _path(name, relay, control, device_id, approver, sides)
+            stack.enter_context(master(relay, world.approver, control))
+            paths[name] = _path(name, relay, control, device_id, world.approver, sides)
         yield paths
 
 
@@ -127,14 +154,14 @@ def _database(stack: contextlib.ExitStack) -> str:
         raise Unavailable(f"PostgreSQL: {str(exc).strip().splitlines()[0]}") from None
 
 
-def _pid(server: RlyServer | OpenSshd) -> int:
+def pid_of(server: RlyServer | OpenSshd) -> int:
     process = server.process
     assert process is not None
     return process.pid
 
 
 @contextlib.contextmanager
-def _master(relay: RlyServer, approver: Approver, control: Path) -> Iterator[Technician]:
+def master(relay: RlyServer, approver: Approver, control: Path) -> Iterator[Technician]:
     """An approved `ssh -M partner@RELAY` (relays listen on their own loopback address)."""
     host = relay.config["relay"]["listen"]
     tech = Technician(
@@ -155,10 +182,6 @@ def _master(relay: RlyServer, approver: Approver, control: Path) -> Iterator[Tec
 def _path(
     name: str, relay: RlyServer, control: Path, device_id: str, approver: Approver, sides: Sides
 ) -> SshPath:
-    host = relay.config["relay"]["listen"]
-    options = ["-F", "/dev/null", "-p", str(relay.technician_port)]
-    options += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
-    options += ["-o", "LogLevel=ERROR", "-o", "EscapeChar=none", "-o", f"Ciphers={CIPHER}"]
     hops = [f"ssh→{relay.config['relay']['node_name']} (technician port): OpenSSH↔asyncssh"]
     if name == PEERING:
         hops.append("relay-a→relay-b (peering port, pooled): asyncssh↔asyncssh")
@@ -166,11 +189,28 @@ def _path(
         "ssh -R device→relay-b (tunnel): OpenSSH↔asyncssh",
         f"relay→device sshd (inside the tunnel): asyncssh↔OpenSSH {CIPHER}",
     ]
+    return menu_path(name, relay, control, device_id, approver, sides, tuple(hops))
+
+
+def menu_path(
+    name: str,
+    relay: RlyServer,
+    control: Path,
+    device_id: str,
+    approver: Approver,
+    sides: Sides,
+    hops: tuple[str, ...],
+) -> SshPath:
+    """`ssh partner@RELAY connect DEVICE 'cmd'` over the approved ControlMaster at `control`."""
+    host = relay.config["relay"]["listen"]
+    options = ["-F", "/dev/null", "-p", str(relay.technician_port)]
+    options += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    options += ["-o", "LogLevel=ERROR", "-o", "EscapeChar=none", "-o", f"Ciphers={CIPHER}"]
     return SshPath(
         name,
         tuple(options),
         (f"partner@{host}", "connect", device_id),
-        tuple(hops),
+        hops,
         control,
         approver.approve,
         sides,
