@@ -106,18 +106,31 @@ async def run_task(
                 "wait": 0,
             }
         ).encode()
-        stamp = max(time.time_ns() // 1_000_000, last.get(device_id, 0) + 1)
-        last[device_id] = stamp
-        headers = sign_request(
-            key=key, device_id=device_id, method="POST", path=PATH, body=body, timestamp_ms=stamp
-        )
-        headers["Content-Type"] = "application/json"
-        status, reply = await client.post(PATH, body, headers)
-        if status == 200:
-            tally.ok += 1
-        else:
-            tally.errors[str(status)] = tally.errors.get(str(status), 0) + 1
-            tally.first_error = tally.first_error or reply.decode(errors="replace")[:200]
+        await signed_checkin(client, device_id, key, body, last, tally)
+
+
+async def signed_checkin(
+    client: Connection,
+    device_id: str,
+    key: asyncssh.SSHKey,
+    body: bytes,
+    last: dict[str, int],
+    tally: Tally,
+) -> bool:
+    """POST one check-in signed as the device (a fresh timestamp per device); count it."""
+    stamp = max(time.time_ns() // 1_000_000, last.get(device_id, 0) + 1)
+    last[device_id] = stamp
+    headers = sign_request(
+        key=key, device_id=device_id, method="POST", path=PATH, body=body, timestamp_ms=stamp
+    )
+    headers["Content-Type"] = "application/json"
+    status, reply = await client.post(PATH, body, headers)
+    if status == 200:
+        tally.ok += 1
+        return True
+    tally.errors[str(status)] = tally.errors.get(str(status), 0) + 1
+    tally.first_error = tally.first_error or reply.decode(errors="replace")[:200]
+    return False
 
 
 async def main_async(

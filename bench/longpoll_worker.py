@@ -33,8 +33,7 @@ import asyncssh
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bench.checkin_worker import PATH, Connection, Tally
-from core.signing import sign_request
+from bench.checkin_worker import Connection, Tally, signed_checkin
 
 
 def device_id(index: int) -> str:
@@ -97,18 +96,7 @@ async def task(
         while (total is None or n < total) and (deadline is None or time.time() < deadline):
             device, key = devices[n % len(devices)]
             body = checkin_body(device, n, args.wait, device in last)
-            stamp = max(time.time_ns() // 1_000_000, last.get(device, 0) + 1)
-            last[device] = stamp
-            headers = sign_request(
-                key=key, device_id=device, method="POST", path=PATH, body=body, timestamp_ms=stamp
-            )
-            headers["Content-Type"] = "application/json"
-            status, reply = await client.post(PATH, body, headers)
-            if status == 200:
-                tally.ok += 1
-            else:
-                tally.errors[str(status)] = tally.errors.get(str(status), 0) + 1
-                tally.first_error = tally.first_error or reply.decode(errors="replace")[:200]
+            if not await signed_checkin(client, device, key, body, last, tally):
                 await asyncio.sleep(args.wait)  # a refused poll returns at once: do not spin
             n += 1
     finally:

@@ -12,7 +12,7 @@ cannot hold 100,000 long polls for 25 s each, so the tracker's
 `checkin_wait` is lowered to WAIT seconds and the load generator holds
 CONCURRENCY polls at once, cycling through ACTIVE of the devices: each
 check-in still takes the whole long-poll path (signature, record, hub
-subscription, wait, re-read, answer), at about CONCURRENCY / WAIT per second.
+subscription, wait, answer), at about CONCURRENCY / WAIT per second.
 
 - measured, cold: the first check-in of each active device since the tracker
   started (no cached key: the full path), as after a tracker restart;
@@ -58,7 +58,7 @@ from bench.rly_stack import (
     start_server,
     technician,
 )
-from core.config import TrackerSettings
+from core.config import HttpSettings, TrackerSettings
 from tests.support.procs import ManagedProcess
 from tests.support.rly_server import RlyServer
 from tests.support.technician import Technician
@@ -317,6 +317,7 @@ def _phase(
 
 def _report(result: LegResult, size: Size, cold: Phase, warm: Phase, connects: list[float]) -> None:
     defaults = TrackerSettings()
+    cap = HttpSettings().max_connections
     full_rate = 100_000 / defaults.checkin_wait  # rly-client polls again at once
     interval_factor = defaults.checkin_wait / defaults.checkin_interval
 
@@ -346,16 +347,16 @@ def _report(result: LegResult, size: Size, cold: Phase, warm: Phase, connects: l
         f"measured: {size.fleet} device rows; {cold.ok} cold check-ins (first since tracker "
         f"start, {size.active} devices), then {warm.ok} warm over {warm.wall:.0f} s; "
         f"{size.concurrency} long polls held at once, tracker.checkin_wait = {size.wait:g} s "
-        "(each check-in a whole long poll: record, hub wait, re-read)",
+        "(each check-in a whole long poll: record, hub wait, answer)",
         f"derived: 100,000 devices x one long poll per tracker.checkin_wait "
         f"({defaults.checkin_wait:g} s default) = {full_rate:,.0f} check-ins/s, times the warm "
         f"per-check-in cost; 'first cycle' uses the cold cost (every key uncached after a "
         f"tracker restart); devices that do not long-poll check in every checkin_interval "
         f"({defaults.checkin_interval:g} s): x{interval_factor:.2f}",
-        "each held long poll is one HTTP connection, and rly serve's HTTP server answers 503 "
-        "past 2,048 open connections (uvicorn limit_concurrency in rly/http_server.py): "
-        "100,000 devices holding 25 s polls need >= 49 tracker processes for the connections "
-        "alone, whatever the CPU figure says",
+        f"each held long poll is one HTTP connection: a tracker process serves at most "
+        f"http.max_connections ({cap:,} by default; 503 beyond) at once, so 100,000 devices "
+        f"holding {defaults.checkin_wait:g} s polls need >= {-(-100_000 // cap)} tracker "
+        f"processes (or a higher http.max_connections) for the connections alone",
     ]
     if connects:
         result.notes.append(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -9,10 +11,14 @@ from sqlalchemy import select
 
 from core.db import make_engine, make_sessions
 from core.models import Account, AuditEvent, RelayNode, SshSession
+from tests.fleet.support import Fleet
 from tests.relay.device_port_support import write_key
-from tests.relay.test_technician_support import TechDb
+from tests.relay.test_technician_support import TechDb, approval_token
 from tests.support.procs import ManagedProcess, ProcessFactory
 from tests.support.rly_server import RlyServer
+from tests.support.technician import Technician, TechnicianFactory
+
+PROMPT = re.escape("rly:alice@acme> ")
 
 
 class FleetDb(TechDb):
@@ -90,3 +96,26 @@ def ssh_config(workdir: Path, relay: RlyServer) -> Path:
         "  PubkeyAuthentication no\n  NumberOfPasswordPrompts 1\n  LogLevel INFO\n"
     )
     return config
+
+
+@dataclass
+class TwoRelays:
+    """The fleet's relay-a (127.0.1.1) and relay-b (127.0.1.2) with alice's menu on relay-a."""
+
+    fleet: Fleet
+    db: FleetDb
+
+    @property
+    def a(self) -> RlyServer:
+        return self.fleet.relays["relay-a"]
+
+    @property
+    def b(self) -> RlyServer:
+        return self.fleet.relays["relay-b"]
+
+    def menu(self, factory: TechnicianFactory) -> Technician:
+        """A menu session on relay-a, approved as alice."""
+        tech = factory(self.a.technician_port, host="127.0.1.1", timeout=20)
+        self.db.decide(approval_token(tech), "alice")
+        tech.expect(PROMPT)
+        return tech

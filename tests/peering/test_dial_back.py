@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import signal
 import time
 from collections.abc import Iterator
@@ -26,38 +25,20 @@ from sqlalchemy import select
 from core.models import DataConnection, SshSession, Tunnel
 from tests.e2e.stack import CLIENT, DeviceUnderTest
 from tests.fleet.support import Fleet, wait_for
-from tests.peering.support import FleetDb, ssh_config
+from tests.peering.support import PROMPT, FleetDb, TwoRelays, ssh_config
 from tests.relay.test_jump import Transfer
 from tests.relay.test_technician_support import approval_token
-from tests.support.rly_server import RlyServer
 from tests.support.sshd import SshdFactory
-from tests.support.technician import Technician, TechnicianFactory
+from tests.support.technician import TechnicianFactory
 from tests.transport.support import WebFirewall
 
 pytestmark = pytest.mark.slow
-PROMPT = re.escape("rly:alice@acme> ")
 
 
 @dataclass
-class World:
-    fleet: Fleet
-    db: FleetDb
+class World(TwoRelays):
     device: DeviceUnderTest
     ssh_config: Path
-
-    @property
-    def a(self) -> RlyServer:
-        return self.fleet.relays["relay-a"]
-
-    @property
-    def b(self) -> RlyServer:
-        return self.fleet.relays["relay-b"]
-
-    def menu(self, factory: TechnicianFactory) -> Technician:
-        tech = factory(self.a.technician_port, host="127.0.1.1", timeout=20)
-        self.db.decide(approval_token(tech), "alice")
-        tech.expect(PROMPT)
-        return tech
 
     def ended(self, device_id: str, count: int) -> list[SshSession]:
         """The device's first `count` sessions once all of them have ended."""

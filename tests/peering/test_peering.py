@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import re
 import signal
 import socket
 import time
@@ -29,40 +28,21 @@ from core.keys import KeyStore
 from core.models import SshSession
 from relay.peering.pool import PeerPool, PeerUnavailable, split_address
 from tests.fleet.support import Fleet, wait_for
-from tests.peering.support import FleetDb, plain_device, ssh_config
+from tests.peering.support import PROMPT, FleetDb, TwoRelays, plain_device, ssh_config
 from tests.relay.device_port_support import new_key
 from tests.relay.test_jump import Transfer
 from tests.relay.test_technician_support import approval_token
-from tests.support.rly_server import RlyServer
 from tests.support.sshd import SshdFactory
-from tests.support.technician import Technician, TechnicianFactory
+from tests.support.technician import TechnicianFactory
 
 pytestmark = pytest.mark.slow
-PROMPT = re.escape("rly:alice@acme> ")
 SOURCE = ("127.0.9.9", 0)  # a source of its own: relay-a's pool is not affected
 
 
 @dataclass
-class World:
-    fleet: Fleet
-    db: FleetDb
+class World(TwoRelays):
     device_id: str
     ssh_config: Path
-
-    @property
-    def a(self) -> RlyServer:
-        return self.fleet.relays["relay-a"]
-
-    @property
-    def b(self) -> RlyServer:
-        return self.fleet.relays["relay-b"]
-
-    def menu(self, factory: TechnicianFactory) -> Technician:
-        """A menu session on relay-a, approved as alice."""
-        tech = factory(self.a.technician_port, host="127.0.1.1", timeout=20)
-        self.db.decide(approval_token(tech), "alice")
-        tech.expect(PROMPT)
-        return tech
 
 
 @pytest.fixture(scope="module")
