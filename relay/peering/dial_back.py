@@ -46,6 +46,7 @@ KIND = "dial"
 REFUSED = "dial-refused"
 SENT = "dial-sent"
 RETRY_AFTER = 300.0  # seconds a device that could not dial back goes straight to peering
+MAX_REMEMBERED = 100_000  # devices remembered at once (a bound on the memory it may take)
 _failed: dict[tuple[str, str], float] = {}  # (node, device id) -> when it failed to dial back
 
 
@@ -72,10 +73,14 @@ def dial_back_possible(ctx: RelayContext, device_id: str) -> bool:
     return failed is None or time.monotonic() - failed > RETRY_AFTER
 
 
-def could_not_dial_back(ctx: RelayContext, device_id: str) -> bool:
-    """True while this device's last dial-back to this node failed (then peering goes first)."""
-    failed = _failed.get((ctx.node_name, device_id))
-    return failed is not None and time.monotonic() - failed <= RETRY_AFTER
+def _remember_failure(node: str, device_id: str) -> None:
+    now = time.monotonic()
+    if len(_failed) >= MAX_REMEMBERED:  # forget the expired ones first, then the oldest
+        for key in [k for k, at in _failed.items() if now - at > RETRY_AFTER]:
+            del _failed[key]
+        while len(_failed) >= MAX_REMEMBERED:
+            del _failed[next(iter(_failed))]
+    _failed[(node, device_id)] = now
 
 
 async def request_dial_back(
@@ -100,7 +105,7 @@ async def request_dial_back(
     except (TimeoutError, SQLAlchemyError) as exc:
         if not (waiter.arrived.done() and not waiter.arrived.cancelled()):
             if sent.is_set():  # B asked the device, which did not dial: it may reach only B
-                _failed[(ctx.node_name, device_id)] = time.monotonic()
+                _remember_failure(ctx.node_name, device_id)
             why = "the device did not dial" if sent.is_set() else f"no answer from {holder}"
             log.info("no dial-back device=%s session=%s (%s: %s); using peering",
                      device_id, session_id, type(exc).__name__, why)  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 from core.hub import Hub
 from device_client.data_dial import DialError, dial_data, parse_request
 from relay.data.tickets import dial_request, new_ticket
+from relay.peering import dial_back
 from relay.peering.dial_back import dial_topic, parse_dial_topic
 
 
@@ -85,3 +86,12 @@ def test_a_dial_back_request_never_tries_the_tunnels_own_endpoint() -> None:
     tried.clear()
     asyncio.run(run(True))
     assert tried == [("127.0.1.1", 2222)]
+
+
+def test_remembered_failures_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory of devices that could not dial back never grows past MAX_REMEMBERED."""
+    monkeypatch.setattr(dial_back, "MAX_REMEMBERED", 3)
+    monkeypatch.setattr(dial_back, "_failed", {})
+    for n in range(10):
+        dial_back._remember_failure("relay-a", f"dev{n:07d}")
+    assert list(dial_back._failed) == [("relay-a", f"dev{n:07d}") for n in (7, 8, 9)]
