@@ -4,7 +4,8 @@
 publishes `node:<name>`; this watcher wakes on that (or at its next look) and
 then, every STEP seconds until the node is empty:
 - new device connections are refused before any SSH work (ctx.draining);
-- each device whose tunnel here carries no live session is asked, through
+- each device whose tunnel here carries no live session (of this node, or of
+  another riding it by peering or dial-back) is asked, through
   the tracker, to `reconnect`: its tunnel here drops and it dials the next
   relay on its list (placement no longer lists this node);
 - at the deadline, live sessions are closed with a message naming the drain,
@@ -21,13 +22,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core import audit, session_close
 from core.devices import request_tunnel
-from core.models import Device, RelayNode, SshSession, utcnow
+from core.models import Device, RelayNode, SshSession, Tunnel, utcnow
 from relay.context import RelayContext
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,28 @@ def drain_step(
     session: Session, *, node: str, tunnelled: set[str], moved: set[str], now: datetime,
     deadline: datetime | None,
 ) -> tuple[list[str], int]:  # fmt: skip
-    """Move idle devices, end sessions past the deadline; return (moved now, live sessions)."""
-    live = list(
-        session.execute(
-            select(
-                SshSession.id,
-                SshSession.device_id,
-                SshSession.account_id,
-                SshSession.close_requested,
-            ).where(SshSession.relay_node == node, SshSession.ended_at.is_(None))
-        )
+    """Move idle devices, end sessions past the deadline; return (moved now, live sessions).
+
+    Live sessions are this node's and those of other nodes riding a tunnel here
+    (peering, dial-back): a device with either is busy and stays until the deadline.
+    """
+    columns = (
+        SshSession.id,
+        SshSession.device_id,
+        SshSession.account_id,
+        SshSession.close_requested,
     )
+    open_rows = select(*columns).where(SshSession.ended_at.is_(None))
+    here = open_rows.where(SshSession.relay_node == node)
+    riding = open_rows.join(
+        Tunnel,
+        and_(
+            Tunnel.device_id == SshSession.device_id,
+            Tunnel.relay_node == node,
+            Tunnel.closed_at.is_(None),
+        ),
+    ).where(SshSession.relay_node != node)
+    live = list(session.execute(here)) + list(session.execute(riding))
     if deadline is not None and now >= deadline:
         for session_id, _device, account_id, asked in live:
             if asked:

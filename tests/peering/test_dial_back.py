@@ -181,6 +181,37 @@ def test_close_device_on_a_ends_the_dialled_back_session(
     assert world.fleet.wait_online(dev).relay_node == "relay-b"  # persistent: it comes back
 
 
+def test_draining_b_keeps_a_dialled_back_session_until_the_deadline(
+    world: World, technician_factory: TechnicianFactory
+) -> None:
+    """`rly relay drain relay-b --deadline 4s` while a session on relay-a rides the device's
+    tunnel at relay-b: the device counts as busy, so its tunnel stays and the session runs
+    until the deadline, then ends with the drain's words; after resume the device is back."""
+    dev = world.device.id
+    world.fleet.wait_online(dev)
+    tech = world.menu(technician_factory)
+    tech.sendline(f"connect {dev}")
+    tech.sendline("echo before-$((5*5))")
+    tech.expect("before-25")
+    started = time.monotonic()
+    assert "relay relay-b draining" in world.fleet.cli(
+        "relay", "drain", "relay-b", "--deadline", "4s"
+    )
+    try:
+        time.sleep(2.0)  # the drain has looked at least once (every second)
+        tech.sendline("echo during-$((6*6))")
+        tech.expect("during-36", timeout=5)
+        tunnel = world.fleet.open_tunnel(dev)
+        assert tunnel is not None and tunnel.relay_node == "relay-b"
+        tech.expect(rf"Connection to {dev} \(dial-nas\) closed: closed by relay drain", timeout=15)
+        assert time.monotonic() - started >= 3.5  # not before the deadline
+        tech.expect(PROMPT)
+    finally:
+        world.fleet.cli("relay", "resume", "relay-b")
+    wait_for(lambda: (t := world.fleet.open_tunnel(dev)) is not None and t.relay_node == "relay-b",
+             20, "the device back on relay-b")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def firewall(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebFirewall]:
     """A namespace whose one way out is a tinyproxy that lets it reach relay-b and the tracker
