@@ -30,6 +30,7 @@ from bench.openssh import CIPHER, SshPath, wait_for_master
 from bench.rly_stack import ACCOUNT, Approver, approve_session
 from tests.fleet.support import Fleet
 from tests.peering.support import FleetDb, plain_device
+from tests.peering.support import TwoRelays as FleetOfTwo
 from tests.relay.device_port_support import new_key
 from tests.support.procs import ProcessExited
 from tests.support.rly_server import RlyServer
@@ -83,20 +84,10 @@ def _measure(result: LegResult, path: SshPath, scale: Scale) -> None:
 
 
 @dataclass
-class TwoRelays:
+class TwoRelays(FleetOfTwo):
     """The fleet of both legs on one PostgreSQL: tracker+portal, relay-a and relay-b."""
 
-    fleet: Fleet
-    db: FleetDb
     approver: Approver
-
-    @property
-    def a(self) -> RlyServer:
-        return self.fleet.relays["relay-a"]
-
-    @property
-    def b(self) -> RlyServer:
-        return self.fleet.relays["relay-b"]
 
     @property
     def user_ca(self) -> str:

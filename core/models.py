@@ -20,6 +20,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core.validate import is_ascii_digits
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -151,6 +153,17 @@ class RelayNode(Base):
     state: Mapped[str] = mapped_column(String(16), default="live")  # live | draining
     drain_deadline: Mapped[datetime | None] = mapped_column(default=None)
     gone_at: Mapped[datetime | None] = mapped_column(default=None)  # declared gone, rows closed
+
+    @property
+    def port_list(self) -> list[int]:
+        """`device_ports` as numbers, in dial order (anything that is not a port is skipped)."""
+        return parse_ports(self.device_ports)
+
+
+def parse_ports(text: str) -> list[int]:
+    """A comma-separated port list as stored in relay_nodes.device_ports."""
+    ports = (part.strip() for part in str(text).split(","))
+    return [int(p) for p in ports if is_ascii_digits(p) and 0 < int(p) < 65536]
 
 
 class Tunnel(Base):

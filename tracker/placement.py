@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.fleet import takes_tunnels
 from core.models import RelayNode, Tunnel, utcnow
-from core.validate import is_ascii_digits
 from tracker.schemas import RelayChoice
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def read_nodes(session: Session) -> list[NodeEndpoint]:
     now = utcnow()
     found = []
     for node in session.scalars(select(RelayNode).order_by(RelayNode.name)):
-        ports = tuple(int(p) for p in node.device_ports.split(",") if is_ascii_digits(p.strip()))
+        ports = tuple(node.port_list)
         if takes_tunnels(node, now) and node.public_host and ports:
             found.append(NodeEndpoint(node.name, node.public_host, ports))
     return found

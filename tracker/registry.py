@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from core import audit
 from core.devices import token_hash
-from core.models import Device, EnrollToken, RelayNode, Tunnel, utcnow
-from core.validate import is_ascii_digits, new_id
+from core.models import Device, EnrollToken, RelayNode, Tunnel, parse_ports, utcnow
+from core.validate import new_id
 from tracker.errors import ApiError
 from tracker.schemas import DeviceView, EnrollRequest, TunnelView
 
@@ -108,9 +108,7 @@ def relay_endpoints(session: Session) -> tuple[list[str], list[int]]:
     for host, port_list in rows:
         if host and host not in hosts:
             hosts.append(host)
-        for part in str(port_list).split(","):
-            if is_ascii_digits(part.strip()) and int(part) not in ports:
-                ports.append(int(part))
+        ports += [port for port in dict.fromkeys(parse_ports(port_list)) if port not in ports]
     return hosts, ports
 
 

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from core.events import publish
 from core.models import RelayNode
-from core.validate import DEVICE_ID_RE, NAME_RE, is_ascii_digits
+from core.validate import DEVICE_ID_RE, NAME_RE
 from relay.context import RelayContext
 from relay.data.accept import DataStream
 from relay.data.request import endpoints
@@ -131,8 +131,7 @@ def requester_endpoints(session: Session, node: str) -> list[tuple[str, int]]:
     )
     if row is None or not row.public_host:
         return []
-    ports = [int(p) for p in row.device_ports.split(",") if is_ascii_digits(p.strip())]
-    return [(row.public_host, port) for port in ports if 0 < port < 65536]
+    return [(row.public_host, port) for port in row.port_list]
 
 
 def serve_dial_backs(ctx: RelayContext) -> None:
@@ -150,8 +149,6 @@ def serve_dial_backs(ctx: RelayContext) -> None:
         why = ""
         if tunnel is None or not tunnel.data_capable or tunnel.at_capacity:
             why = "no data-capable tunnel with room"
-        elif requester == ctx.node_name:
-            why = "requested by this node"
         ticket = new_ticket()
 
         def prepare(session: Session) -> list[tuple[str, int]]:

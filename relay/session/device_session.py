@@ -267,8 +267,11 @@ class DeviceSession(Generic[Process]):
         async def watch() -> None:
             device_id = self.device.id
             with self.ctx.hub.watch(f"device:{device_id}") as woken:
+                # every status change wakes `device:<id>` (core.feed): the long wait is a net
                 while not await self.ctx.db(lambda s: rows.device_revoked(s, device_id)):
-                    await woken.wait(WATCH_INTERVAL)
+                    if self.ctx.hub.closing:
+                        return  # shutting down: every session ends anyway
+                    await woken.wait(ACTIVITY_INTERVAL)
             log.info("dial-back session device=%s ends: the device was revoked", device_id)
             stream.close()
 

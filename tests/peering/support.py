@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from core.db import make_engine, make_sessions
 from core.models import Account, AuditEvent, RelayNode, SshSession
 from tests.fleet.support import Fleet
 from tests.relay.device_port_support import write_key
+from tests.relay.test_jump import Transfer
 from tests.relay.test_technician_support import TechDb, approval_token
 from tests.support.procs import ManagedProcess, ProcessFactory
 from tests.support.rly_server import RlyServer
@@ -119,3 +122,22 @@ class TwoRelays:
         self.db.decide(approval_token(tech), "alice")
         tech.expect(PROMPT)
         return tech
+
+
+def scp_sftp_round_trip(db: FleetDb, ssh_config: Path, device_id: str, workdir: Path) -> None:
+    """ProxyJump scp up, scp down and an sftp get of random bytes, each approved, all intact."""
+    payload = os.urandom(2_000_000)
+    local, remote, back = workdir / "up.bin", workdir / "on-device.bin", workdir / "down.bin"
+    local.write_bytes(payload)
+    scp = ["/usr/bin/scp", "-F", str(ssh_config), "-J", "relay"]
+    on_device = f"root@{device_id}:{remote}"
+    batch, got = workdir / "batch", workdir / "got.bin"
+    batch.write_text(f"get {remote} {got}\n")
+    sftp = ["/usr/bin/sftp", *scp[1:], "-b", str(batch), f"root@{device_id}"]
+    for argv in ([*scp, str(local), on_device], [*scp, on_device, str(back)], sftp):
+        transfer = Transfer(argv)
+        transfer.approve(db)
+        status, out = transfer.finish()
+        assert status == 0, out
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(payload).digest()
+    assert got.read_bytes() == payload

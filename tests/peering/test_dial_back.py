@@ -11,7 +11,6 @@ reached over peering instead, and after one failed dial-back at once.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
@@ -25,8 +24,7 @@ from sqlalchemy import select
 from core.models import DataConnection, SshSession, Tunnel
 from tests.e2e.stack import CLIENT, DeviceUnderTest
 from tests.fleet.support import Fleet, wait_for
-from tests.peering.support import PROMPT, FleetDb, TwoRelays, ssh_config
-from tests.relay.test_jump import Transfer
+from tests.peering.support import PROMPT, FleetDb, TwoRelays, scp_sftp_round_trip, ssh_config
 from tests.relay.test_technician_support import approval_token
 from tests.support.sshd import SshdFactory
 from tests.support.technician import TechnicianFactory
@@ -138,24 +136,7 @@ def test_exec_connect_and_proxyjump_scp_sftp_are_dialled_back(
     world.db.decide(approval_token(tech), "alice")
     tech.expect("rc-64")
     assert tech.expect_eof() == 3
-    payload = os.urandom(2_000_000)
-    local, remote, back = tmp_path / "up.bin", tmp_path / "on-device.bin", tmp_path / "down.bin"
-    local.write_bytes(payload)
-    scp = ["/usr/bin/scp", "-F", str(world.ssh_config), "-J", "relay"]
-    on_device = f"root@{dev}:{remote}"
-    for argv in ([*scp, str(local), on_device], [*scp, on_device, str(back)]):
-        transfer = Transfer(argv)
-        transfer.approve(world.db)
-        status, out = transfer.finish()
-        assert status == 0, out
-    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(payload).digest()
-    batch, got = tmp_path / "batch", tmp_path / "got.bin"
-    batch.write_text(f"get {remote} {got}\n")
-    sftp = Transfer(["/usr/bin/sftp", *scp[1:], "-b", str(batch), f"root@{dev}"])
-    sftp.approve(world.db)
-    status, out = sftp.finish()
-    assert status == 0, out
-    assert got.read_bytes() == payload
+    scp_sftp_round_trip(world.db, world.ssh_config, dev, tmp_path)
     rows = world.ended(dev, before + 4)[before:]
     assert [(r.path, r.relay_node) for r in rows] == [("dial-back", "relay-a")] * 4
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import signal
 import socket
@@ -28,9 +27,15 @@ from core.keys import KeyStore
 from core.models import SshSession
 from relay.peering.pool import PeerPool, PeerUnavailable, split_address
 from tests.fleet.support import Fleet, wait_for
-from tests.peering.support import PROMPT, FleetDb, TwoRelays, plain_device, ssh_config
+from tests.peering.support import (
+    PROMPT,
+    FleetDb,
+    TwoRelays,
+    plain_device,
+    scp_sftp_round_trip,
+    ssh_config,
+)
 from tests.relay.device_port_support import new_key
-from tests.relay.test_jump import Transfer
 from tests.relay.test_technician_support import approval_token
 from tests.support.sshd import SshdFactory
 from tests.support.technician import TechnicianFactory
@@ -128,27 +133,8 @@ def test_exec_connect_and_proxyjump_scp_across_relays(
     tech.expect(r"[#$] ")
     tech.sendline("exit 5")
     assert tech.expect_eof() == 5
-    host = world.device_id
-    payload = os.urandom(3_000_000)
-    local, remote, back = tmp_path / "up.bin", tmp_path / "on-device.bin", tmp_path / "down.bin"
-    local.write_bytes(payload)
-    scp = ["/usr/bin/scp", "-F", str(world.ssh_config), "-J", "relay"]
     before = len(world.db.session_rows(world.device_id))
-    on_device = f"root@{host}:{remote}"
-    up, down = [*scp, str(local), on_device], [*scp, on_device, str(back)]
-    for argv in (up, down):
-        transfer = Transfer(argv)
-        transfer.approve(world.db)
-        status, out = transfer.finish()
-        assert status == 0, out
-    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(payload).digest()
-    batch, got = tmp_path / "batch", tmp_path / "got.bin"
-    batch.write_text(f"get {remote} {got}\n")
-    sftp = Transfer(["/usr/bin/sftp", *scp[1:], "-b", str(batch), f"root@{host}"])
-    sftp.approve(world.db)
-    status, out = sftp.finish()
-    assert status == 0, out
-    assert got.read_bytes() == payload
+    scp_sftp_round_trip(world.db, world.ssh_config, world.device_id, tmp_path)
     rows = wait_for(
         lambda: (
             [r for r in world.db.session_rows(world.device_id)[before:] if r.ended_at]
