@@ -22,6 +22,7 @@ from relay.data.tickets import dial_request, new_ticket, store_ticket
 from relay.device.tunnels import DeviceTunnel
 
 log = logging.getLogger(__name__)
+RETRY_PAUSE = 0.05
 
 
 def endpoints(ctx: RelayContext) -> list[tuple[str, int]]:
@@ -53,7 +54,13 @@ async def request_data_connection(
         request = dial_request(
             ticket=ticket, session_id=session_id, node=ctx.node_name, endpoints=endpoints(ctx)
         )
-        await asyncio.wait_for(tunnel.send_dial(request, stored), deadline - loop.time())
+        try:
+            await asyncio.wait_for(tunnel.send_dial(request, stored), deadline - loop.time())
+        except asyncssh.ChannelOpenError:
+            # A tunnel that just came up: the device may see our channel before it has set up
+            # the forward it asked for (its reply and our open arrive together). Once more.
+            await asyncio.sleep(RETRY_PAUSE)
+            await asyncio.wait_for(tunnel.send_dial(request, stored), deadline - loop.time())
         return await asyncio.wait_for(asyncio.shield(waiter.arrived), deadline - loop.time())
     except (
         TimeoutError,
